@@ -1,0 +1,85 @@
+"""Pigeon's protocol core: keys, X3DH, the Double Ratchet, sealed envelopes,
+application messages and safety numbers.
+
+Pure: bytes and values in, bytes and values out.  No networking, storage,
+clock or event loop is imported here (a test enforces it); randomness and
+time are parameters.
+"""
+
+from .contact import ContactCode
+from .crypto import Random, system_random
+from .envelope import Opened, open_envelope, seal
+from .errors import DecryptError, LocalProtocolError, PigeonError, ProtocolError, RecordError
+from .fingerprint import (
+    compare_scannable,
+    format_safety_number,
+    safety_number,
+    scannable_fingerprint,
+    scannable_from_qr_text,
+    scannable_to_qr_text,
+)
+from .keys import IdentityKeyPair, identity_id
+from .messages import (
+    AppMessage,
+    FileOffer,
+    Receipt,
+    ReceiptType,
+    SignalType,
+    Text,
+    Unknown,
+    WebRTCSignal,
+)
+from .ratchet import CLASSIC, PIGEON, RatchetConfig, RatchetState
+from .records import (
+    Device,
+    DeviceCertificate,
+    DirectoryRecord,
+    OneTimePrekey,
+    PrekeyBundle,
+    SignedPrekey,
+    dht_key,
+)
+from .session import IncomingMessage, Session
+
+__all__ = [
+    "CLASSIC",
+    "PIGEON",
+    "AppMessage",
+    "ContactCode",
+    "DecryptError",
+    "Device",
+    "DeviceCertificate",
+    "DirectoryRecord",
+    "FileOffer",
+    "IdentityKeyPair",
+    "IncomingMessage",
+    "LocalProtocolError",
+    "OneTimePrekey",
+    "Opened",
+    "PigeonError",
+    "PrekeyBundle",
+    "ProtocolError",
+    "Random",
+    "RatchetConfig",
+    "RatchetState",
+    "Receipt",
+    "ReceiptType",
+    "RecordError",
+    "Session",
+    "SignalType",
+    "SignedPrekey",
+    "Text",
+    "Unknown",
+    "WebRTCSignal",
+    "compare_scannable",
+    "dht_key",
+    "format_safety_number",
+    "identity_id",
+    "open_envelope",
+    "safety_number",
+    "scannable_fingerprint",
+    "scannable_from_qr_text",
+    "scannable_to_qr_text",
+    "seal",
+    "system_random",
+]

@@ -1,0 +1,34 @@
+"""The command line, run as a user runs it: the installed console script."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def pigeon() -> str:
+    """The console script installed beside this interpreter (or on PATH)."""
+    beside = Path(sys.executable).parent / "pigeon"
+    path = str(beside) if beside.exists() else shutil.which("pigeon")
+    if path is None:
+        pytest.fail("the pigeon console script is not installed (pip install -e '.[test]')")
+    return path
+
+
+def test_demo_runs_a_conversation_and_matches_safety_numbers():
+    result = subprocess.run([pigeon(), "demo"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "safety numbers match: no one sits in between" in lines
+    received = [line for line in lines if line.startswith("bob    <- from")]
+    assert len(received) == 3
+    numbers = [line.split("safety number ")[1] for line in lines if "safety number " in line]
+    assert len(numbers) == 2 and numbers[0] == numbers[1]
+
+
+def test_unknown_command_fails_with_usage():
+    result = subprocess.run([pigeon(), "fly"], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "invalid choice" in result.stderr
