@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .crypto import Random, hkdf, hmac_sha256, x25519, x25519_keypair, x25519_public
+from .crypto import Random, hkdf, hmac_sha256_pair, x25519, x25519_keypair, x25519_public
 from .errors import DecryptError, LocalProtocolError, ProtocolError
 from .wire import Fields, Writer
 
@@ -80,7 +80,7 @@ def kdf_root(config: RatchetConfig, root_key: bytes, dh_out: bytes) -> tuple[byt
 
 def kdf_chain(chain_key: bytes) -> tuple[bytes, bytes]:
     """KDF_CK as libsignal does it: (message key seed, next chain key)."""
-    return hmac_sha256(chain_key, b"\x01"), hmac_sha256(chain_key, b"\x02")
+    return hmac_sha256_pair(chain_key, b"\x01", b"\x02")
 
 
 def message_keys(config: RatchetConfig, seed: bytes) -> tuple[bytes, bytes, bytes]:
