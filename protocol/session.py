@@ -37,15 +37,29 @@ class PrekeyHeader:
     signed_prekey_id: int
     one_time_prekey_id: int  # 0 when none was used
 
-    def encode(self, ratchet_message: bytes) -> bytes:
-        return bytes([KIND_PREKEY]) + (
+    def _fields(self) -> Writer:
+        return (
             Writer()
             .bytes_(1, self.identity_key)
             .bytes_(2, self.base_key)
             .uint(3, self.signed_prekey_id)
             .uint(4, self.one_time_prekey_id)
-            .bytes_(5, ratchet_message)
-            .finish()
+        )
+
+    def encode(self, ratchet_message: bytes) -> bytes:
+        return bytes([KIND_PREKEY]) + self._fields().bytes_(5, ratchet_message).finish()
+
+    def encode_alone(self) -> bytes:
+        """The header without a message, as sessions store it."""
+        return self._fields().finish()
+
+    @classmethod
+    def decode_fields(cls, f: Fields) -> PrekeyHeader:
+        return cls(
+            identity_key=f.bytes_(1, size=IDENTITY_KEY_SIZE),
+            base_key=f.bytes_(2, size=32),
+            signed_prekey_id=f.uint(3, default=None, maximum=_U32),
+            one_time_prekey_id=f.uint(4, maximum=_U32),
         )
 
 
@@ -70,13 +84,7 @@ class IncomingMessage:
         if kind != KIND_PREKEY:
             raise ProtocolError(f"unknown session message kind {kind}")
         f = Fields(body)
-        header = PrekeyHeader(
-            identity_key=f.bytes_(1, size=IDENTITY_KEY_SIZE),
-            base_key=f.bytes_(2, size=32),
-            signed_prekey_id=f.uint(3, default=None, maximum=_U32),
-            one_time_prekey_id=f.uint(4, maximum=_U32),
-        )
-        return cls(header, f.bytes_(5))
+        return cls(PrekeyHeader.decode_fields(f), f.bytes_(5))
 
 
 class Session:
@@ -215,7 +223,7 @@ class Session:
             .bytes_(7, self.base_key)
         )
         if self.pending is not None:
-            w.bytes_(6, self.pending.encode(b"")[1:])
+            w.bytes_(6, self.pending.encode_alone())
         return w.finish()
 
     @classmethod
@@ -225,9 +233,7 @@ class Session:
         if version != SESSION_STATE_VERSION:
             raise ProtocolError(f"unsupported session state version {version}")
         pending_raw = f.optional_bytes(6)
-        pending = None
-        if pending_raw is not None:
-            pending = IncomingMessage.decode(bytes([KIND_PREKEY]) + pending_raw).prekey
+        pending = None if pending_raw is None else PrekeyHeader.decode_fields(Fields(pending_raw))
         return cls(
             f.bytes_(2, size=IDENTITY_KEY_SIZE),
             f.bytes_(3, size=IDENTITY_KEY_SIZE),

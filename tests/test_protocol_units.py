@@ -313,6 +313,17 @@ def test_session_serialization_round_trips_mid_conversation():
     assert deliver(a2, b2.encrypt(b"back")) == b"back"
 
 
+def test_pending_initiator_session_round_trips():
+    alice, bob = Party("alice"), Party("bob")
+    a = Session.initiate(alice.identity, bob.record().bundle(), os.urandom)
+    first = a.encrypt(b"one")
+    a2 = Session.deserialize(a.serialize(), os.urandom)
+    assert a2.pending == a.pending and a2.serialize() == a.serialize()
+    b, _ = bob.respond(first)
+    assert deliver(a2, b.encrypt(b"reply")) == b"reply"
+    assert a2.pending is None
+
+
 def test_state_from_another_configuration_is_refused():
     a, _ = session_pair(PIGEON)
     with pytest.raises(ProtocolError, match="configuration"):

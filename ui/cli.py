@@ -1,35 +1,278 @@
-"""The ``pigeon`` command line."""
+"""The ``pigeon`` command line.
+
+Every command but ``init``, ``daemon``, ``demo`` (and ``id`` when no daemon
+runs) talks to the running daemon through its control socket.  Errors are
+one line on stderr and a non-zero exit code.
+"""
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
+import os
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
 from pigeon.protocol import PigeonError
+
+
+class UsageError(PigeonError):
+    pass
+
+
+def default_home() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "pigeon"
+
+
+def resolve_home(args: argparse.Namespace) -> Path:
+    if args.home:
+        return Path(args.home).expanduser()
+    if os.environ.get("PIGEON_HOME"):
+        return Path(os.environ["PIGEON_HOME"]).expanduser()
+    return default_home()
+
+
+def passphrase(confirm: bool = False) -> str:
+    value = os.environ.get("PIGEON_PASSPHRASE")
+    if value is not None:
+        return value
+    if not sys.stdin.isatty():
+        raise UsageError("no passphrase: set PIGEON_PASSPHRASE or run from a terminal")
+    first = getpass.getpass("Passphrase: ")
+    if confirm and getpass.getpass("Passphrase again: ") != first:
+        raise UsageError("the passphrases differ")
+    return first
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pigeon", description="Peer-to-peer, end-to-end encrypted messaging."
     )
+    parser.add_argument("--home", help="node directory (default: $PIGEON_HOME or user data dir)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("demo", help="show a conversation between two identities, end to end")
+
+    init = commands.add_parser("init", help="create your identity")
+    init.add_argument("--name", required=True, help="the display name contacts see")
+
+    ident = commands.add_parser("id", help="show your identity and contact code")
+    ident.add_argument("--json", action="store_true")
+    ident.add_argument("--qr", action="store_true", help="print the contact code as a QR code")
+    ident.add_argument("--png", metavar="FILE", help="write the contact code's QR code to FILE")
+
+    daemon = commands.add_parser("daemon", help="run your node")
+    daemon.add_argument("--listen", action="append", metavar="MULTIADDR", default=[])
+    daemon.add_argument("--bootstrap", action="append", metavar="MULTIADDR", default=[])
+    daemon.add_argument("-v", "--verbose", action="store_true")
+
+    contacts = commands.add_parser("contacts", help="add or list contacts")
+    sub = contacts.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = sub.add_parser("add", help="add a contact by contact code")
+    add.add_argument("code", help="the contact code (pigeon:...)")
+    add.add_argument("--as", dest="alias", metavar="ALIAS")
+    listing = sub.add_parser("list", help="list contacts with presence")
+    listing.add_argument("--json", action="store_true")
+
+    send = commands.add_parser("send", help="send a message")
+    send.add_argument("contact")
+    send.add_argument("text")
+
+    inbox = commands.add_parser("inbox", help="show conversations")
+    inbox.add_argument("--json", action="store_true")
+    inbox.add_argument("--follow", action="store_true", help="keep showing new messages")
+    inbox.add_argument("--contact")
+
+    chat = commands.add_parser("chat", help="talk with a contact interactively")
+    chat.add_argument("contact")
+
+    commands.add_parser("status", help="show the daemon's state")
+    commands.add_parser("demo", help="run two local nodes and show a conversation")
     return parser
+
+
+def _client(home: Path, timeout: float | None = 60.0) -> Any:
+    from pigeon.node.control import Client
+
+    return Client(home, timeout)
+
+
+def _print_message(message: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        message = {k: v for k, v in message.items() if k not in ("event",)}
+        print(json.dumps(message), flush=True)
+        return
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(message["sent_at"])))
+    arrow = "->" if message["direction"] == "out" else "<-"
+    who = message["from_name"]
+    status = f"  [{message['status']}]" if message["direction"] == "out" else ""
+    print(f"{stamp} {arrow} {who}: {message['text']}{status}", flush=True)
+
+
+def cmd_init(home: Path, args: argparse.Namespace) -> int:
+    from pigeon.node.conversations import Conversations
+    from pigeon.node.storage import Database
+    from pigeon.protocol.contact import validate_name
+
+    name = validate_name(args.name)
+    db = Database.create(home, passphrase(confirm=True))
+    try:
+        Conversations.initialise(db, name, os.urandom)
+        conv = Conversations(db, os.urandom)
+        print(f"created identity {conv.identity.identity_id.hex()} for {name!r} in {home}")
+    finally:
+        db.close()
+    return 0
+
+
+def cmd_id(home: Path, args: argparse.Namespace) -> int:
+    from pigeon.node.control import DaemonNotRunning
+
+    try:
+        client = _client(home)
+        info = client.request("id")
+        client.close()
+    except DaemonNotRunning:
+        from pigeon.node.conversations import Conversations
+        from pigeon.node.host import peer_id_for
+        from pigeon.node.storage import Database
+        from pigeon.protocol import ContactCode
+
+        db = Database.open(home, passphrase())
+        try:
+            conv = Conversations(db, os.urandom)
+            info = {
+                "name": conv.name,
+                "identity_id": conv.identity.identity_id.hex(),
+                "contact_code": ContactCode(conv.identity.public_key, conv.name).to_uri(),
+                "peer_id": str(peer_id_for(conv.device_seed)),
+                "addresses": [],
+            }
+        finally:
+            db.close()
+    info.pop("ok", None)
+    if args.png:
+        import qrcode
+        from qrcode.image.pure import PyPNGImage
+
+        qrcode.make(info["contact_code"], image_factory=PyPNGImage).save(args.png)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"name         {info['name']}")
+        print(f"identity     {info['identity_id']}")
+        print(f"peer         {info['peer_id']}")
+        for address in info["addresses"]:
+            print(f"address      {address}")
+        print(f"contact code {info['contact_code']}")
+    if args.qr:
+        import qrcode
+
+        code = qrcode.QRCode(border=2)
+        code.add_data(info["contact_code"])
+        code.print_ascii(invert=True)
+    return 0
+
+
+def cmd_daemon(home: Path, args: argparse.Namespace) -> int:
+    from pigeon.node.daemon import run_daemon
+    from pigeon.node.node import NodeConfig
+
+    config = NodeConfig(bootstrap=args.bootstrap)
+    if args.listen:
+        config.listen = args.listen
+    return run_daemon(home, passphrase(), config, verbose=args.verbose)
+
+
+def cmd_contacts(home: Path, args: argparse.Namespace) -> int:
+    client = _client(home)
+    if args.action == "add":
+        contact = client.request("contacts.add", code=args.code, alias=args.alias)["contact"]
+        print(f"added {contact['alias'] or contact['name']} ({contact['identity_id']})")
+        return 0
+    contacts = client.request("contacts.list")["contacts"]
+    if args.json:
+        for contact in contacts:
+            print(json.dumps(contact))
+        return 0
+    for contact in contacts:
+        seen = (
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(contact["last_seen"]))
+            if contact["last_seen"]
+            else "never"
+        )
+        presence = "online" if contact["online"] else f"last seen {seen}"
+        label = contact["alias"] or contact["name"]
+        print(f"{label:20} {contact['identity_id'][:16]}  {presence}")
+    return 0
+
+
+def cmd_send(home: Path, args: argparse.Namespace) -> int:
+    reply = _client(home).request("send", contact=args.contact, text=args.text)
+    print(reply["id"])
+    return 0
+
+
+def cmd_inbox(home: Path, args: argparse.Namespace) -> int:
+    client = _client(home, timeout=None if args.follow else 60.0)
+    messages = client.request("inbox", contact=args.contact)["messages"]
+    for message in messages:
+        _print_message(message, args.json)
+    if not args.follow:
+        return 0
+    after = max((m["seq"] for m in messages), default=0)
+    client.request("follow", contact=args.contact, after=after)
+    for event in client.events():
+        _print_message(event, args.json)
+    return 0
+
+
+def cmd_status(home: Path, args: argparse.Namespace) -> int:
+    reply = _client(home).request("status")
+    reply.pop("ok", None)
+    for key, value in reply.items():
+        print(f"{key:12} {value}")
+    return 0
+
+
+def cmd_chat(home: Path, args: argparse.Namespace) -> int:
+    from .chat import run_chat
+
+    return run_chat(home, args.contact)
+
+
+def cmd_demo(home: Path, args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo()
+
+
+COMMANDS = {
+    "init": cmd_init,
+    "id": cmd_id,
+    "daemon": cmd_daemon,
+    "contacts": cmd_contacts,
+    "send": cmd_send,
+    "inbox": cmd_inbox,
+    "chat": cmd_chat,
+    "status": cmd_status,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "demo":
-            from .demo import run_demo
-
-            return run_demo()
+        return COMMANDS[args.command](resolve_home(args), args)
     except PigeonError as error:
         print(f"pigeon: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    return 2
+    except BrokenPipeError:
+        return 0
 
 
 if __name__ == "__main__":

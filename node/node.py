@@ -1,0 +1,332 @@
+"""The running node: a libp2p host, the DHT directory, direct delivery of
+sealed envelopes, and the conversations database, wired together on trio.
+
+Delivery protocol ``/pigeon/envelope/1.0.0``: the sender writes frames
+``Deliver {1: envelope}``; the receiver answers each with
+``Ack {1: SHA-256(envelope), 2: status}`` only after the envelope is
+committed (status 0 stored, 1 duplicate, 2 refused).  The sender keeps each
+envelope in its outbox until acknowledged and retries with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.tools.anyio_service import background_trio_service
+
+from pigeon.protocol import (
+    ContactCode,
+    DeviceCertificate,
+    DirectoryRecord,
+    PigeonError,
+    ProtocolError,
+)
+from pigeon.protocol.crypto import sha256
+from pigeon.protocol.envelope import MAX_ENVELOPE
+from pigeon.protocol.records import Device
+from pigeon.protocol.wire import Fields, Writer
+
+from . import directory
+from .conversations import Contact, Conversations, NoRoute
+from .framing import StreamClosed, frame, read_frame
+from .host import build_host, close_host
+from .storage import Database
+
+log = logging.getLogger("pigeon.node")
+
+ENVELOPE_PROTOCOL = TProtocol("/pigeon/envelope/1.0.0")
+MAX_FRAME = MAX_ENVELOPE + 64
+RECORD_LIFETIME = 24 * 3600
+REPUBLISH_EVERY = 30 * 60
+ACK_STORED, ACK_DUPLICATE, ACK_REFUSED = 0, 1, 2
+
+
+@dataclass
+class NodeConfig:
+    listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    bootstrap: list[str] = field(default_factory=list)
+    announce_presence: bool = True
+
+
+class Node:
+    def __init__(self, db: Database, config: NodeConfig) -> None:
+        self.db = db
+        self.config = config
+        self.conversations = Conversations(db, os.urandom)
+        self.host: IHost = build_host(self.conversations.device_seed, config.listen)
+        self.dht = KadDHT(self.host, DHTMode.SERVER, strict_validation=True)
+        directory.make_dht_validator(self.dht)
+        self.started = time.time()
+        self._outbox_wakeup = trio.Event()
+        self._delivering: set[bytes] = set()
+        self._new_messages = trio.Event()
+        self._backoff: dict[bytes, tuple[int, float]] = {}
+        self._nursery: trio.Nursery | None = None
+        self.stats = {"received": 0, "sent": 0, "refused": 0}
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Node]:
+        listen = [multiaddr.Multiaddr(a) for a in self.config.listen]
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self.host.run(listen_addrs=listen))
+            await stack.enter_async_context(background_trio_service(self.dht))
+            stack.push_async_callback(close_host, self.host)
+            self.host.set_stream_handler(ENVELOPE_PROTOCOL, self._handle_envelopes)
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            self._nursery = nursery
+            await self._bootstrap()
+            nursery.start_soon(self._publish_loop)
+            nursery.start_soon(self._outbox_loop)
+            try:
+                yield self
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _bootstrap(self) -> None:
+        for address in self.config.bootstrap:
+            try:
+                info = info_from_p2p_addr(multiaddr.Multiaddr(address))
+                with trio.fail_after(10):
+                    await self.host.connect(info)
+                await self.dht.add_peer(info.peer_id)
+                log.info("bootstrap peer=%s connected", info.peer_id)
+            except Exception as error:
+                log.warning("bootstrap address=%s failed: %s", address, error)
+
+    # -- identity -------------------------------------------------------------------
+
+    @property
+    def addresses(self) -> list[str]:
+        return [str(a) for a in self.host.get_addrs()]
+
+    def contact_code(self) -> str:
+        return ContactCode(
+            self.conversations.identity.public_key, self.conversations.name, tuple(self.addresses)
+        ).to_uri()
+
+    def record(self) -> bytes:
+        conv = self.conversations
+        now = int(time.time())
+        cert = DeviceCertificate.issue(conv.identity, self.host.get_id().to_bytes(), now)
+        record = DirectoryRecord(
+            identity_key=conv.identity.public_key,
+            name=conv.name,
+            sequence=conv.next_record_sequence(),
+            issued_at=now,
+            expires_at=now + RECORD_LIFETIME,
+            signed_prekey=conv.current_signed_prekey(),
+            devices=(Device(cert, tuple(self.addresses)),),
+        )
+        return record.sign(conv.identity)
+
+    async def _publish_loop(self) -> None:
+        while True:
+            try:
+                await directory.publish(
+                    self.dht, self.record(), self.conversations.identity.public_key
+                )
+                log.info("published directory record")
+            except Exception as error:
+                log.warning("publishing the directory record failed: %s", error)
+            await trio.sleep(REPUBLISH_EVERY)
+
+    # -- contacts -------------------------------------------------------------------------
+
+    async def refresh_record(self, key: bytes) -> DirectoryRecord | None:
+        best = None
+        for data in await directory.lookup(self.dht, key):
+            try:
+                record = self.conversations.store_record(key, data)
+            except ProtocolError as error:
+                log.info("ignored a directory record for %s: %s", key.hex()[:8], error)
+                continue
+            if record is not None and (best is None or record.sequence > best.sequence):
+                best = record
+        return best or self.conversations.contact(key).record
+
+    def is_online(self, contact: Contact) -> bool:
+        if contact.record is None:
+            return False
+        network = self.host.get_network()
+        for device in contact.record.devices:
+            try:
+                if network.get_connections(ID(device.certificate.peer_id)):
+                    return True
+            except Exception:
+                continue
+        return False
+
+    # -- sending ----------------------------------------------------------------------------
+
+    async def send_text(self, contact: Contact, text: str) -> bytes:
+        record = contact.record
+        if self.conversations.needs_bundle(contact.identity_key) and record is None:
+            record = await self.refresh_record(contact.identity_key)
+            if record is None:
+                raise NoRoute(
+                    f"cannot find {contact.label}'s directory record: is the network reachable?"
+                )
+        app = self.conversations.send_text(contact.identity_key, text, record)
+        self.wake_outbox()
+        return app.message_id
+
+    def wake_outbox(self) -> None:
+        self._outbox_wakeup.set()
+
+    async def _outbox_loop(self) -> None:
+        assert self._nursery is not None
+        while True:
+            now = trio.current_time()
+            for key in self.conversations.contacts_with_pending():
+                not_before = self._backoff.get(key, (0, 0.0))[1]
+                if key not in self._delivering and now >= not_before:
+                    self._delivering.add(key)
+                    self._nursery.start_soon(self._deliver, key)
+            with trio.move_on_after(1.0):
+                await self._outbox_wakeup.wait()
+            self._outbox_wakeup = trio.Event()
+
+    async def _peers_for(self, contact: Contact) -> list[PeerInfo]:
+        infos: list[PeerInfo] = []
+        if contact.record is not None:
+            for device in contact.record.devices:
+                peer = ID(device.certificate.peer_id)
+                addrs = [multiaddr.Multiaddr(a) for a in device.addresses]
+                infos.append(PeerInfo(peer, addrs))
+        for hint in self.conversations.hint_addresses(contact.identity_key):
+            try:
+                infos.append(info_from_p2p_addr(multiaddr.Multiaddr(hint)))
+            except Exception:
+                continue
+        return infos
+
+    async def _deliver(self, key: bytes) -> None:
+        try:
+            contact = self.conversations.contact(key)
+            delivered = await self._deliver_to(contact)
+            if not delivered:
+                record = await self.refresh_record(key)
+                if record is not None:
+                    delivered = await self._deliver_to(self.conversations.contact(key))
+            if delivered:
+                self._backoff.pop(key, None)
+            else:
+                attempts = self._backoff.get(key, (0, 0.0))[0] + 1
+                delay = min(60.0, 0.5 * math.pow(2, attempts))
+                self._backoff[key] = (attempts, trio.current_time() + delay)
+                log.info("delivery to %s failed, retry in %.1fs", contact.label, delay)
+        finally:
+            self._delivering.discard(key)
+            self.wake_outbox()
+
+    async def _deliver_to(self, contact: Contact) -> bool:
+        for info in await self._peers_for(contact):
+            try:
+                with trio.fail_after(10):
+                    if info.addrs:
+                        await self.host.connect(info)
+                    stream = await self.host.new_stream(info.peer_id, [ENVELOPE_PROTOCOL])
+            except Exception as error:
+                log.debug("dial %s failed: %s", info.peer_id, error)
+                continue
+            try:
+                await self._push(stream, contact.identity_key)
+                self.conversations.saw(contact.identity_key)
+                return True
+            except Exception as error:
+                log.info("delivery stream to %s broke: %s", contact.label, error)
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await stream.close()
+        return False
+
+    async def _push(self, stream: INetStream, key: bytes) -> None:
+        """Send every pending envelope for ``key``; pipeline them, then read acks."""
+        while True:
+            pending = self.conversations.pending_envelopes(key)
+            if not pending:
+                return
+            for _, envelope in pending:
+                await stream.write(frame(Writer().bytes_(1, envelope).finish()))
+            for digest, _ in pending:
+                ack = Fields(await read_frame(stream, 128))
+                got = ack.bytes_(1, size=32)
+                status = ack.uint(2)
+                if got != digest:
+                    raise ProtocolError("acknowledgement out of order")
+                if status == ACK_REFUSED:
+                    log.warning("recipient refused an envelope; dropping it")
+                self.conversations.acknowledged(digest)
+                self.stats["sent"] += 1
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    async def _handle_envelopes(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id
+        try:
+            while True:
+                try:
+                    data = await read_frame(stream, MAX_FRAME)
+                except StreamClosed:
+                    return
+                envelope = Fields(data).bytes_(1, max_size=MAX_ENVELOPE)
+                status = self._accept(envelope, peer)
+                await stream.write(
+                    frame(Writer().bytes_(1, sha256(envelope)).uint(2, status).finish())
+                )
+        except ProtocolError as error:
+            log.warning("peer=%s sent a bad frame: %s", peer, error)
+        except trio.TooSlowError:
+            log.info("peer=%s stream idle, closed", peer)
+        except Exception as error:
+            log.info("peer=%s stream ended: %s", peer, type(error).__name__)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await stream.close()
+
+    def _accept(self, envelope: bytes, peer: object) -> int:
+        try:
+            result = self.conversations.accept_envelope(envelope)
+        except PigeonError as error:
+            self.stats["refused"] += 1
+            log.warning("peer=%s envelope refused: %s", peer, error)
+            return ACK_REFUSED
+        if result.duplicate:
+            return ACK_DUPLICATE
+        self.stats["received"] += 1
+        if result.message is not None:
+            self._new_messages.set()
+            self._new_messages = trio.Event()
+        self.wake_outbox()  # the delivery receipt is queued
+        return ACK_STORED
+
+    async def wait_for_messages(self) -> None:
+        await self._new_messages.wait()
+
+    def status(self) -> dict[str, object]:
+        return {
+            "identity_id": self.conversations.identity.identity_id.hex(),
+            "peer_id": str(self.host.get_id()),
+            "addresses": self.addresses,
+            "uptime_s": round(time.time() - self.started, 1),
+            "connections": len(self.host.get_network().connections),
+            "dht_peers": self.dht.get_routing_table_size(),
+            "outbox": self.db.one("SELECT count(*) FROM outbox")[0],
+            "messages": self.db.one("SELECT count(*) FROM messages")[0],
+            **self.stats,
+        }
