@@ -190,7 +190,7 @@ class Conversations:
         record = None
         if row[5] is not None:
             try:
-                record = DirectoryRecord.verify(bytes(row[5]), now=0, identity_key=bytes(row[0]))
+                record = DirectoryRecord.verify(bytes(row[5]), now=None, identity_key=bytes(row[0]))
             except ProtocolError:
                 record = None
         return Contact(bytes(row[0]), row[1], row[2], row[3], row[4], record)

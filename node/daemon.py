@@ -3,6 +3,7 @@ SIGTERM, then shut down cleanly (listeners closed, tasks cancelled)."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import signal
 import sys
@@ -15,7 +16,6 @@ import trio
 from pigeon.protocol import ContactCode, PigeonError
 
 from . import control
-from .conversations import UnknownContact
 from .host import quiet_libp2p_logs
 from .node import Node, NodeConfig
 from .storage import Database
@@ -134,8 +134,20 @@ def make_handler(
     return handle
 
 
+def _lock(home: Path) -> Any:
+    """One daemon per home: hold an exclusive lock for the daemon's lifetime."""
+    handle = (home / "daemon.lock").open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise PigeonError(f"a Pigeon daemon is already running for {home}") from None
+    return handle
+
+
 async def run(home: Path, passphrase: str, config: NodeConfig) -> None:
     db = Database.open(home, passphrase)
+    lock = _lock(home)
     try:
         node = Node(db, config)
         stop = trio.Event()
@@ -154,6 +166,7 @@ async def run(home: Path, passphrase: str, config: NodeConfig) -> None:
             nursery.cancel_scope.cancel()
     finally:
         db.close()
+        lock.close()
     log.info("daemon stopped")
 
 
@@ -166,9 +179,5 @@ async def _wait_for_signal(signals: Any, stop: trio.Event) -> None:
 
 def run_daemon(home: Path, passphrase: str, config: NodeConfig, verbose: bool = False) -> int:
     setup_logging(verbose)
-    try:
-        trio.run(run, home, passphrase, config)
-    except UnknownContact as error:
-        log.error("%s", error)
-        return 1
+    trio.run(run, home, passphrase, config)
     return 0

@@ -1,0 +1,106 @@
+"""Real ``pigeon`` daemons as subprocesses on 127.0.0.1, for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PASSPHRASE = "correct horse battery staple"
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PIGEON_PASSPHRASE": PASSPHRASE, "PYTHONUNBUFFERED": "1"}
+
+
+def pigeon(
+    home: Path, *args: str, check: bool = True, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "pigeon.ui.cli", "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"pigeon {' '.join(args)} failed: {result.stderr.strip()}")
+    return result
+
+
+class Daemon:
+    def __init__(self, root: Path, name: str, bootstrap: list[str] | None = None) -> None:
+        self.home = root / name
+        self.name = name
+        self.bootstrap = bootstrap or []
+        self.log = root / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        if not (self.home / "pigeon.db").exists():
+            pigeon(self.home, "init", "--name", name)
+
+    def start(self) -> Daemon:
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        args = [sys.executable, "-m", "pigeon.ui.cli", "--home", str(self.home), "daemon"]
+        for address in self.bootstrap:
+            args += ["--bootstrap", address]
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=log, env=env())
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon {self.name} exited: {self.log.read_text()[-2000:]}")
+            if "daemon ready" in self.log.read_bytes()[offset:].decode(errors="replace"):
+                return self
+            time.sleep(0.1)
+        raise AssertionError(f"daemon {self.name} did not start: {self.log.read_text()[-2000:]}")
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return pigeon(self.home, *args, check=check)
+
+    def id(self) -> dict[str, Any]:
+        return json.loads(self.cli("id", "--json").stdout)
+
+    @property
+    def address(self) -> str:
+        return str(self.id()["addresses"][0])
+
+    def inbox(self) -> list[dict[str, Any]]:
+        out = self.cli("inbox", "--json").stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"daemon {self.name} did not stop on SIGTERM") from None
+        self.process = None
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        self.process = None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(interval)

@@ -1,0 +1,156 @@
+"""End to end with real daemons (subprocesses, real py-libp2p hosts on
+127.0.0.1, real SQLCipher databases)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemons import Daemon, pigeon, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def network(tmp_path: Path) -> Iterator[dict[str, Daemon]]:
+    boot = Daemon(tmp_path, "boot").start()
+    nodes = {"boot": boot}
+    try:
+        address = boot.address
+        for name in ("alice", "bob"):
+            nodes[name] = Daemon(tmp_path, name, [address]).start()
+        yield nodes
+    finally:
+        for daemon in nodes.values():
+            if daemon.alive():
+                daemon.stop()
+
+
+def befriend(a: Daemon, b: Daemon) -> None:
+    a.cli("contacts", "add", b.id()["contact_code"], "--as", b.name)
+    b.cli("contacts", "add", a.id()["contact_code"], "--as", a.name)
+
+
+def texts(daemon: Daemon, direction: str) -> list[str]:
+    return [m["text"] for m in daemon.inbox() if m["direction"] == direction]
+
+
+def test_conversation_survives_restarts_without_loss_or_duplicates(network):
+    alice, bob = network["alice"], network["bob"]
+    befriend(alice, bob)
+
+    alice.cli("send", "bob", "hello bob")
+    wait_for(lambda: texts(bob, "in") == ["hello bob"])
+    bob.cli("send", "alice", "hi alice")
+    alice.cli("send", "bob", "how are you?")
+    wait_for(lambda: texts(alice, "in") == ["hi alice"])
+    wait_for(lambda: texts(bob, "in") == ["hello bob", "how are you?"])
+
+    alice.stop()
+    bob.stop()
+    alice.start()
+    bob.start()
+
+    bob.cli("send", "alice", "after the restart")
+    alice.cli("send", "bob", "still here")
+    wait_for(lambda: texts(alice, "in") == ["hi alice", "after the restart"])
+    wait_for(lambda: texts(bob, "in") == ["hello bob", "how are you?", "still here"])
+
+    # every message once, statuses came back encrypted
+    for daemon in (alice, bob):
+        ids = [m["id"] for m in daemon.inbox()]
+        assert len(ids) == len(set(ids)) == 5
+    wait_for(
+        lambda: all(m["status"] == "delivered" for m in alice.inbox() if m["direction"] == "out")
+    )
+    message = next(m for m in bob.inbox() if m["text"] == "still here")
+    assert message["from"] == alice.id()["identity_id"]
+    assert message["from_name"] == "alice"
+    assert {
+        "id",
+        "from",
+        "from_name",
+        "text",
+        "sent_at",
+        "received_at",
+        "direction",
+        "status",
+    } <= set(message)
+
+
+def test_both_start_the_conversation_at_once(network):
+    alice, bob = network["alice"], network["bob"]
+    befriend(alice, bob)
+    import threading
+
+    threads = [
+        threading.Thread(target=alice.cli, args=("send", "bob", "first from alice")),
+        threading.Thread(target=bob.cli, args=("send", "alice", "first from bob")),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wait_for(lambda: texts(bob, "in") == ["first from alice"])
+    wait_for(lambda: texts(alice, "in") == ["first from bob"])
+    for i in range(3):
+        alice.cli("send", "bob", f"a{i}")
+        bob.cli("send", "alice", f"b{i}")
+    wait_for(lambda: texts(bob, "in")[1:] == ["a0", "a1", "a2"])
+    wait_for(lambda: texts(alice, "in")[1:] == ["b0", "b1", "b2"])
+
+
+def test_contacts_list_shows_presence(network):
+    alice, bob = network["alice"], network["bob"]
+    befriend(alice, bob)
+    alice.cli("send", "bob", "ping")
+    wait_for(lambda: texts(bob, "in") == ["ping"])
+    listing = [
+        json.loads(line) for line in alice.cli("contacts", "list", "--json").stdout.splitlines()
+    ]
+    assert listing[0]["name"] == "bob" and listing[0]["online"] is True
+    assert listing[0]["last_seen"] is not None
+    bob.stop()
+    wait_for(
+        lambda: (
+            not json.loads(alice.cli("contacts", "list", "--json").stdout.splitlines()[0])["online"]
+        )
+    )
+
+
+def test_clear_errors(network, tmp_path):
+    alice = network["alice"]
+    result = alice.cli("send", "nobody", "hi", check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip() == "pigeon: unknown contact 'nobody' (see: pigeon contacts list)"
+    result = alice.cli("contacts", "add", "pigeon:not-a-code?name=x", check=False)
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
+    assert "contact code" in result.stderr
+    result = pigeon(tmp_path / "nowhere", "status", check=False)
+    assert result.returncode != 0
+    assert "not running" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_kill_9_of_the_receiver_loses_no_acknowledged_message(network):
+    from pigeon.node.control import Client
+
+    alice, bob = network["alice"], network["bob"]
+    befriend(alice, bob)
+    client = Client(alice.home)
+    total = 60
+    for i in range(total):
+        client.request("send", contact="bob", text=f"burst {i}")
+        if i == 20:
+            wait_for(lambda: sum(m["status"] != "pending" for m in alice.inbox()) >= 5, timeout=20)
+            bob.kill9()
+    client.close()
+    acknowledged = {m["id"] for m in alice.inbox() if m["status"] != "pending"}
+    assert len(acknowledged) >= 5
+    bob.start()
+    received = {m["id"] for m in bob.inbox() if m["direction"] == "in"}
+    assert acknowledged <= received, "an acknowledged message was lost"
+    # the rest arrive through retries, each exactly once and in order
+    wait_for(lambda: len(texts(bob, "in")) == total, timeout=60)
+    assert texts(bob, "in") == [f"burst {i}" for i in range(total)]
