@@ -18,9 +18,14 @@ class StreamClosed(Exception):
 async def _read_exactly(stream: INetStream, n: int) -> bytes:
     data = bytearray()
     while len(data) < n:
-        chunk = await stream.read(n - len(data))
+        try:
+            chunk = await stream.read(n - len(data))
+        except trio.Cancelled:
+            raise
+        except Exception:
+            chunk = b""
         if not chunk:
-            raise ProtocolError("stream ended inside a frame")
+            raise ProtocolError(f"stream ended {len(data)} bytes into a {n}-byte frame")
         data += chunk
     return bytes(data)
 
@@ -31,10 +36,10 @@ async def read_frame(stream: INetStream, max_size: int, timeout: float = FRAME_T
         for shift in range(0, 35, 7):
             try:
                 byte = await stream.read(1)
-            except Exception:
-                if shift == 0:
-                    raise StreamClosed() from None
+            except trio.Cancelled:
                 raise
+            except Exception:
+                byte = b""
             if not byte:
                 if shift == 0:
                     raise StreamClosed()

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from daemons import Daemon, pigeon, wait_for
 
 pytestmark = pytest.mark.slow
