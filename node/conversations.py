@@ -333,37 +333,67 @@ class Conversations:
         )
         self._enqueue(key, app, None)
 
-    def pending_envelopes(self, key: bytes) -> list[tuple[bytes, bytes]]:
+    def pending_envelopes(self, key: bytes, limit: int = 1000) -> list[tuple[bytes, bytes]]:
         return [
             (bytes(r[0]), bytes(r[1]))
             for r in self.db.all(
-                "SELECT digest, envelope FROM outbox WHERE contact = ? ORDER BY seq", (key,)
+                "SELECT digest, envelope FROM outbox WHERE contact = ? ORDER BY seq LIMIT ?",
+                (key, limit),
             )
         ]
 
     def contacts_with_pending(self) -> list[bytes]:
         return [bytes(r[0]) for r in self.db.all("SELECT DISTINCT contact FROM outbox")]
 
-    def acknowledged(self, digest: bytes) -> None:
+    def acknowledged(self, digests: list[bytes]) -> None:
+        """The recipient (or a mailbox) holds these envelopes: forget them."""
         with self.db.transaction():
-            row = self.db.one("SELECT message_id FROM outbox WHERE digest = ?", (digest,))
-            if row is None:
-                return
-            self.db.execute("DELETE FROM outbox WHERE digest = ?", (digest,))
-            if row[0] is not None:
-                self.db.execute(
-                    "UPDATE messages SET status = 'sent' WHERE id = ? AND status = 'pending'",
-                    (row[0],),
-                )
+            for digest in digests:
+                row = self.db.one("SELECT message_id FROM outbox WHERE digest = ?", (digest,))
+                if row is None:
+                    continue
+                self.db.execute("DELETE FROM outbox WHERE digest = ?", (digest,))
+                if row[0] is not None:
+                    self.db.execute(
+                        "UPDATE messages SET status = 'sent' WHERE id = ? AND status = 'pending'",
+                        (row[0],),
+                    )
 
     # -- receiving ------------------------------------------------------------------------
 
-    def accept_envelope(self, envelope: bytes) -> Delivered:
-        """Open, decrypt and store one envelope, all in one transaction.
+    def accept_envelopes(self, envelopes: list[bytes]) -> list[Delivered | PigeonError]:
+        """Open, decrypt and store a batch of envelopes in one transaction.
 
-        Raises ProtocolError (DecryptError included) for anything that is not a
-        valid envelope for us; nothing is stored then.
+        Each envelope is all-or-nothing on its own (a savepoint): one that is
+        not valid for us is returned as its error and leaves no trace.  Texts
+        are answered with one delivery receipt per sender, queued in the same
+        transaction, so a crash never leaves a stored message unreceipted.
         """
+        results: list[Delivered | PigeonError] = []
+        texts: dict[bytes, list[bytes]] = {}
+        with self.db.transaction():
+            for envelope in envelopes:
+                try:
+                    with self.db.savepoint():
+                        result = self._accept(envelope)
+                except PigeonError as error:
+                    results.append(error)
+                    continue
+                results.append(result)
+                if result.message is not None and isinstance(result.message.content, Text):
+                    texts.setdefault(result.sender, []).append(result.message.message_id)
+            for sender, ids in texts.items():
+                self._enqueue_receipt(sender, ReceiptType.DELIVERED, ids)
+        return results
+
+    def accept_envelope(self, envelope: bytes) -> Delivered:
+        """One envelope; raises its error instead of returning it."""
+        result = self.accept_envelopes([envelope])[0]
+        if isinstance(result, PigeonError):
+            raise result
+        return result
+
+    def _accept(self, envelope: bytes) -> Delivered:
         digest = sha256(envelope)
         if self.db.one("SELECT 1 FROM received_envelopes WHERE digest = ?", (digest,)):
             return Delivered(b"", None, duplicate=True)
@@ -371,22 +401,17 @@ class Conversations:
         sender = opened.sender_key
         if self.db.one("SELECT 1 FROM contacts WHERE identity_key = ?", (sender,)) is None:
             raise DecryptError("envelope from an identity that is not a contact")
-        incoming = IncomingMessage.decode(opened.payload)
-        with self.db.transaction():
-            plaintext = self._decrypt(sender, incoming)
-            self.db.execute(
-                "INSERT INTO received_envelopes (digest, received_at) VALUES (?, ?)",
-                (digest, self.clock()),
-            )
-            app = AppMessage.decode(plaintext)
-            stored = self._store_incoming(sender, app)
-            if stored and isinstance(app.content, Text):
-                self._enqueue_receipt(sender, ReceiptType.DELIVERED, [app.message_id])
-            self.db.execute(
-                "UPDATE contacts SET last_seen = ?, lamport = max(lamport, ?)"
-                " WHERE identity_key = ?",
-                (self.clock(), app.lamport, sender),
-            )
+        plaintext = self._decrypt(sender, IncomingMessage.decode(opened.payload))
+        self.db.execute(
+            "INSERT INTO received_envelopes (digest, received_at) VALUES (?, ?)",
+            (digest, self.clock()),
+        )
+        app = AppMessage.decode(plaintext)
+        stored = self._store_incoming(sender, app)
+        self.db.execute(
+            "UPDATE contacts SET last_seen = ?, lamport = max(lamport, ?) WHERE identity_key = ?",
+            (self.clock(), app.lamport, sender),
+        )
         return Delivered(sender, app if stored else None, duplicate=not stored)
 
     def _decrypt(self, sender: bytes, incoming: IncomingMessage) -> bytes:

@@ -1,11 +1,12 @@
 """The running node: a libp2p host, the DHT directory, direct delivery of
 sealed envelopes, and the conversations database, wired together on trio.
 
-Delivery protocol ``/pigeon/envelope/1.0.0``: the sender writes frames
-``Deliver {1: envelope}``; the receiver answers each with
-``Ack {1: SHA-256(envelope), 2: status}`` only after the envelope is
-committed (status 0 stored, 1 duplicate, 2 refused).  The sender keeps each
-envelope in its outbox until acknowledged and retries with backoff.
+Delivery protocol ``/pigeon/envelope/1.0.0`` (docs/protocol/delivery.md): the
+sender writes frames ``Deliver {1: envelope (repeated)}``; the receiver
+commits the whole frame in one transaction, then answers with
+``Ack {1: entry (repeated) {1: SHA-256(envelope), 2: status}}`` (status 0
+stored, 1 duplicate, 2 refused).  The sender keeps each envelope in its outbox
+until acknowledged and retries with backoff.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ from .storage import Database
 log = logging.getLogger("pigeon.node")
 
 ENVELOPE_PROTOCOL = TProtocol("/pigeon/envelope/1.0.0")
-MAX_FRAME = MAX_ENVELOPE + 64
+MAX_FRAME = 2 * MAX_ENVELOPE
+MAX_BATCH = 128  # envelopes per frame
 RECORD_LIFETIME = 24 * 3600
 REPUBLISH_EVERY = 30 * 60
 ACK_STORED, ACK_DUPLICATE, ACK_REFUSED = 0, 1, 2
@@ -256,23 +258,36 @@ class Node:
         return False
 
     async def _push(self, stream: INetStream, key: bytes) -> None:
-        """Send every pending envelope for ``key``; pipeline them, then read acks."""
+        """Send every pending envelope for ``key`` in batches, pipelined."""
         while True:
             pending = self.conversations.pending_envelopes(key)
             if not pending:
                 return
-            for _, envelope in pending:
-                await stream.write(frame(Writer().bytes_(1, envelope).finish()))
-            for digest, _ in pending:
-                ack = Fields(await read_frame(stream, 128))
-                got = ack.bytes_(1, size=32)
-                status = ack.uint(2)
-                if got != digest:
-                    raise ProtocolError("acknowledgement out of order")
-                if status == ACK_REFUSED:
+            batches: list[list[bytes]] = [[]]
+            size = 0
+            for digest, envelope in pending:
+                if len(batches[-1]) >= MAX_BATCH or size + len(envelope) > MAX_FRAME - 1024:
+                    batches.append([])
+                    size = 0
+                batches[-1].append(digest)
+                size += len(envelope) + 8
+            envelopes = dict(pending)
+            for batch in batches:
+                w = Writer()
+                w.repeated_bytes(1, (envelopes[d] for d in batch))
+                await stream.write(frame(w.finish()))
+            for batch in batches:
+                ack = Fields(await read_frame(stream, 64 * MAX_BATCH), repeated=(1,))
+                entries = [
+                    Fields(raw) for raw in ack.repeated_bytes(1, max_count=MAX_BATCH, max_size=64)
+                ]
+                got = [entry.bytes_(1, size=32) for entry in entries]
+                if got != batch:
+                    raise ProtocolError("acknowledgement does not match what was sent")
+                if any(entry.uint(2) == ACK_REFUSED for entry in entries):
                     log.warning("recipient refused an envelope; dropping it")
-                self.conversations.acknowledged(digest)
-                self.stats["sent"] += 1
+                self.conversations.acknowledged(got)
+                self.stats["sent"] += len(got)
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -284,11 +299,18 @@ class Node:
                     data = await read_frame(stream, MAX_FRAME)
                 except StreamClosed:
                     return
-                envelope = Fields(data).bytes_(1, max_size=MAX_ENVELOPE)
-                status = self._accept(envelope, peer)
-                await stream.write(
-                    frame(Writer().bytes_(1, sha256(envelope)).uint(2, status).finish())
+                envelopes = Fields(data, repeated=(1,)).repeated_bytes(
+                    1, max_count=MAX_BATCH, max_size=MAX_ENVELOPE
                 )
+                statuses = self._accept(envelopes, peer)
+                ack = Writer().repeated_bytes(
+                    1,
+                    (
+                        Writer().bytes_(1, sha256(e)).uint(2, status).finish()
+                        for e, status in zip(envelopes, statuses, strict=True)
+                    ),
+                )
+                await stream.write(frame(ack.finish()))
         except ProtocolError as error:
             log.warning("peer=%s sent a bad frame: %s", peer, error)
         except trio.TooSlowError:
@@ -299,21 +321,23 @@ class Node:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await stream.close()
 
-    def _accept(self, envelope: bytes, peer: object) -> int:
-        try:
-            result = self.conversations.accept_envelope(envelope)
-        except PigeonError as error:
-            self.stats["refused"] += 1
-            log.warning("peer=%s envelope refused: %s", peer, error)
-            return ACK_REFUSED
-        if result.duplicate:
-            return ACK_DUPLICATE
-        self.stats["received"] += 1
-        if result.message is not None:
+    def _accept(self, envelopes: list[bytes], peer: object) -> list[int]:
+        statuses = []
+        for result in self.conversations.accept_envelopes(envelopes):
+            if isinstance(result, PigeonError):
+                self.stats["refused"] += 1
+                log.warning("peer=%s envelope refused: %s", peer, result)
+                statuses.append(ACK_REFUSED)
+            elif result.duplicate:
+                statuses.append(ACK_DUPLICATE)
+            else:
+                self.stats["received"] += 1
+                statuses.append(ACK_STORED)
+        if ACK_STORED in statuses:
             self._new_messages.set()
             self._new_messages = trio.Event()
-        self.wake_outbox()  # the delivery receipt is queued
-        return ACK_STORED
+            self.wake_outbox()  # delivery receipts are queued
+        return statuses
 
     async def wait_for_messages(self) -> None:
         await self._new_messages.wait()

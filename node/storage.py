@@ -164,6 +164,20 @@ class Database:
         self._depth = 0
         self._db.execute("COMMIT")
 
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested all-or-nothing step inside ``transaction()``."""
+        if not self._depth:
+            raise StorageError("a savepoint needs an open transaction")
+        self._db.execute("SAVEPOINT step")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK TO step")
+            self._db.execute("RELEASE step")
+            raise
+        self._db.execute("RELEASE step")
+
     def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Any:
         return self._db.execute(sql, params)
 
