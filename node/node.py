@@ -51,6 +51,7 @@ log = logging.getLogger("pigeon.node")
 ENVELOPE_PROTOCOL = TProtocol("/pigeon/envelope/1.0.0")
 MAX_FRAME = 2 * MAX_ENVELOPE
 MAX_BATCH = 128  # envelopes per frame
+STREAM_IDLE = 2.0  # seconds a delivery stream waits for more before closing
 RECORD_LIFETIME = 24 * 3600
 REPUBLISH_EVERY = 30 * 60
 ACK_STORED, ACK_DUPLICATE, ACK_REFUSED = 0, 1, 2
@@ -73,6 +74,7 @@ class Node:
         directory.make_dht_validator(self.dht)
         self.started = time.time()
         self._outbox_wakeup = trio.Event()
+        self._contact_wakeup: dict[bytes, trio.Event] = {}
         self._delivering: set[bytes] = set()
         self._new_messages = trio.Event()
         self._backoff: dict[bytes, tuple[int, float]] = {}
@@ -184,11 +186,16 @@ class Node:
                     f"cannot find {contact.label}'s directory record: is the network reachable?"
                 )
         app = self.conversations.send_text(contact.identity_key, text, record)
-        self.wake_outbox()
+        self.wake_outbox(contact.identity_key)
         return app.message_id
 
-    def wake_outbox(self) -> None:
+    def wake_outbox(self, key: bytes | None = None) -> None:
         self._outbox_wakeup.set()
+        keys = list(self._contact_wakeup) if key is None else [key]
+        for k in keys:
+            event = self._contact_wakeup.get(k)
+            if event is not None:
+                event.set()
 
     async def _outbox_loop(self) -> None:
         assert self._nursery is not None
@@ -246,13 +253,22 @@ class Node:
             except Exception as error:
                 log.debug("dial %s failed: %s", info.peer_id, error)
                 continue
+            key = contact.identity_key
             try:
-                await self._push(stream, contact.identity_key)
-                self.conversations.saw(contact.identity_key)
-                return True
+                # Keep the stream while messages keep coming: opening one costs
+                # more than sending a batch on it.
+                while True:
+                    self._contact_wakeup[key] = trio.Event()
+                    await self._push(stream, key)
+                    self.conversations.saw(key)
+                    with trio.move_on_after(STREAM_IDLE):
+                        await self._contact_wakeup[key].wait()
+                    if not self.conversations.pending_envelopes(key, limit=1):
+                        return True
             except Exception as error:
                 log.info("delivery stream to %s broke: %s", contact.label, error)
             finally:
+                self._contact_wakeup.pop(key, None)
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     await stream.close()
         return False
