@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from libp2p.peer.id import ID
 
 from pigeon.protocol import ContactCode, PigeonError
 
@@ -78,7 +79,9 @@ def make_handler(
             alias = request.get("alias")
             contact = conv.add_contact(code, str(alias) if alias else None)
             with trio.move_on_after(15):
-                await node.refresh_record(contact.identity_key)
+                record = await node.refresh_record(contact.identity_key)
+                for device in record.devices if record else ():
+                    node.spawn(node.greet, ID(device.certificate.peer_id))
             return {"ok": True, "contact": contact_json(node, conv.contact(code.identity_key))}
         if cmd == "contacts.list":
             return {"ok": True, "contacts": [contact_json(node, c) for c in conv.contacts()]}

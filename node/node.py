@@ -18,10 +18,11 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import multiaddr
 import trio
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import IHost, INetStream, INotifee
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
@@ -49,6 +50,7 @@ from .storage import Database
 log = logging.getLogger("pigeon.node")
 
 ENVELOPE_PROTOCOL = TProtocol("/pigeon/envelope/1.0.0")
+PRESENCE_PROTOCOL = TProtocol("/pigeon/presence/1.0.0")
 MAX_FRAME = 2 * MAX_ENVELOPE
 MAX_BATCH = 128  # envelopes per frame
 STREAM_IDLE = 2.0  # seconds a delivery stream waits for more before closing
@@ -79,6 +81,8 @@ class Node:
         self._new_messages = trio.Event()
         self._backoff: dict[bytes, tuple[int, float]] = {}
         self._nursery: trio.Nursery | None = None
+        self._present: set[ID] = set()  # contact devices that announced themselves
+        self._greeted: set[ID] = set()  # contact devices we announced ourselves to
         self.stats = {"received": 0, "sent": 0, "refused": 0}
 
     # -- lifecycle ------------------------------------------------------------------
@@ -91,8 +95,10 @@ class Node:
             await stack.enter_async_context(background_trio_service(self.dht))
             stack.push_async_callback(close_host, self.host)
             self.host.set_stream_handler(ENVELOPE_PROTOCOL, self._handle_envelopes)
+            self.host.set_stream_handler(PRESENCE_PROTOCOL, self._handle_presence)
             nursery = await stack.enter_async_context(trio.open_nursery())
             self._nursery = nursery
+            self.host.get_network().register_notifee(_Connections(self))
             await self._bootstrap()
             nursery.start_soon(self._publish_loop)
             nursery.start_soon(self._outbox_loop)
@@ -164,16 +170,72 @@ class Node:
         return best or self.conversations.contact(key).record
 
     def is_online(self, contact: Contact) -> bool:
+        """Online: a live connection to one of its devices, which announced itself."""
         if contact.record is None:
             return False
         network = self.host.get_network()
         for device in contact.record.devices:
-            try:
-                if network.get_connections(ID(device.certificate.peer_id)):
-                    return True
-            except Exception:
-                continue
+            peer = ID(device.certificate.peer_id)
+            if peer in self._present and network.get_connections(peer):
+                return True
         return False
+
+    def contact_for_peer(self, peer: ID) -> bytes | None:
+        raw = peer.to_bytes()
+        for contact in self.conversations.contacts():
+            if contact.record is not None and any(
+                d.certificate.peer_id == raw for d in contact.record.devices
+            ):
+                return contact.identity_key
+        return None
+
+    async def peer_connected(self, peer: ID) -> None:
+        """A contact's device is reachable: retry its queue now, and say hello."""
+        key = self.contact_for_peer(peer)
+        if key is None:
+            return
+        self._backoff.pop(key, None)
+        self.wake_outbox(key)
+        await self.greet(peer)
+
+    async def greet(self, peer: ID) -> None:
+        """Tell a contact's device, once per connection, that we are online."""
+        if not self.config.announce_presence or peer in self._greeted:
+            return
+        if self.contact_for_peer(peer) is None:
+            return
+        self._greeted.add(peer)
+        try:
+            with trio.fail_after(5):
+                stream = await self.host.new_stream(peer, [PRESENCE_PROTOCOL])
+                await stream.write(frame(Writer().uint(1, 1).finish()))
+                if Fields(await read_frame(stream, 16, timeout=5)).uint(1, maximum=1):
+                    self._present.add(peer)
+                await stream.close()
+        except Exception as error:
+            self._greeted.discard(peer)
+            log.debug("presence hello to %s failed: %s", peer, error)
+
+    def peer_disconnected(self, peer: ID) -> None:
+        self._present.discard(peer)
+        self._greeted.discard(peer)
+
+    async def _handle_presence(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id
+        try:
+            announce = Fields(await read_frame(stream, 16, timeout=5)).uint(1, maximum=1)
+            key = self.contact_for_peer(peer)
+            if key is not None and announce:
+                self._present.add(peer)
+                self.conversations.saw(key)
+            # answer with our own presence, to contacts only
+            ours = int(key is not None and self.config.announce_presence)
+            await stream.write(frame(Writer().uint(1, ours).finish()))
+        except Exception as error:
+            log.info("peer=%s sent a bad presence frame: %s", peer, type(error).__name__)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await stream.close()
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -261,6 +323,7 @@ class Node:
                     self._contact_wakeup[key] = trio.Event()
                     await self._push(stream, key)
                     self.conversations.saw(key)
+                    self.spawn(self.greet, info.peer_id)
                     with trio.move_on_after(STREAM_IDLE):
                         await self._contact_wakeup[key].wait()
                     if not self.conversations.pending_envelopes(key, limit=1):
@@ -319,6 +382,7 @@ class Node:
                     1, max_count=MAX_BATCH, max_size=MAX_ENVELOPE
                 )
                 statuses = self._accept(envelopes, peer)
+                self.spawn(self.greet, peer)
                 ack = Writer().repeated_bytes(
                     1,
                     (
@@ -358,6 +422,10 @@ class Node:
     async def wait_for_messages(self) -> None:
         await self._new_messages.wait()
 
+    def spawn(self, task: Any, *args: Any) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(task, *args)
+
     def status(self) -> dict[str, object]:
         return {
             "identity_id": self.conversations.identity.identity_id.hex(),
@@ -370,3 +438,28 @@ class Node:
             "messages": self.db.one("SELECT count(*) FROM messages")[0],
             **self.stats,
         }
+
+
+class _Connections(INotifee):  # type: ignore[misc]
+    """py-libp2p's connection events, forwarded to the node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def connected(self, network: object, conn: Any) -> None:
+        self.node.spawn(self.node.peer_connected, conn.muxed_conn.peer_id)
+
+    async def disconnected(self, network: object, conn: Any) -> None:
+        self.node.peer_disconnected(conn.muxed_conn.peer_id)
+
+    async def opened_stream(self, network: object, stream: object) -> None:
+        return None
+
+    async def closed_stream(self, network: object, stream: object) -> None:
+        return None
+
+    async def listen(self, network: object, multiaddr: object) -> None:
+        return None
+
+    async def listen_close(self, network: object, multiaddr: object) -> None:
+        return None

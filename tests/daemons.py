@@ -34,10 +34,17 @@ def pigeon(
 
 
 class Daemon:
-    def __init__(self, root: Path, name: str, bootstrap: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        name: str,
+        bootstrap: list[str] | None = None,
+        extra: list[str] | None = None,
+    ) -> None:
         self.home = root / name
         self.name = name
         self.bootstrap = bootstrap or []
+        self.extra = extra or []
         self.log = root / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
         if not (self.home / "pigeon.db").exists():
@@ -48,6 +55,7 @@ class Daemon:
         args = [sys.executable, "-m", "pigeon.ui.cli", "--home", str(self.home), "daemon"]
         for address in self.bootstrap:
             args += ["--bootstrap", address]
+        args += self.extra
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=log, env=env())
         deadline = time.monotonic() + 30

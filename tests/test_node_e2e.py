@@ -113,6 +113,21 @@ def test_contacts_list_shows_presence(network):
     ]
     assert listing[0]["name"] == "bob" and listing[0]["online"] is True
     assert listing[0]["last_seen"] is not None
+    # a node that opts out is never shown online, though messages flow
+    carol = Daemon(bob.home.parent, "carol", [network["boot"].address], ["--no-presence"]).start()
+    try:
+        befriend(alice, carol)
+        alice.cli("send", "carol", "are you there?")
+        wait_for(lambda: texts(carol, "in") == ["are you there?"])
+        carol.cli("send", "alice", "yes, quietly")
+        wait_for(lambda: texts(alice, "in") == ["yes, quietly"])
+        states = {
+            c["name"]: c["online"]
+            for c in map(json.loads, alice.cli("contacts", "list", "--json").stdout.splitlines())
+        }
+        assert states == {"bob": True, "carol": False}
+    finally:
+        carol.stop()
     bob.stop()
     wait_for(
         lambda: (

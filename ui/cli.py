@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     daemon = commands.add_parser("daemon", help="run your node")
     daemon.add_argument("--listen", action="append", metavar="MULTIADDR", default=[])
     daemon.add_argument("--bootstrap", action="append", metavar="MULTIADDR", default=[])
+    daemon.add_argument(
+        "--no-presence",
+        action="store_true",
+        help="do not tell contacts when you are online",
+    )
     daemon.add_argument("-v", "--verbose", action="store_true")
 
     contacts = commands.add_parser("contacts", help="add or list contacts")
@@ -180,7 +185,7 @@ def cmd_daemon(home: Path, args: argparse.Namespace) -> int:
     from pigeon.node.daemon import run_daemon
     from pigeon.node.node import NodeConfig
 
-    config = NodeConfig(bootstrap=args.bootstrap)
+    config = NodeConfig(bootstrap=args.bootstrap, announce_presence=not args.no_presence)
     if args.listen:
         config.listen = args.listen
     return run_daemon(home, passphrase(), config, verbose=args.verbose)
