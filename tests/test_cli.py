@@ -17,13 +17,15 @@ def pigeon() -> str:
     return path
 
 
-def test_demo_runs_a_conversation_and_matches_safety_numbers():
+def test_demo_runs_real_nodes_and_a_conversation():
     result = subprocess.run([pigeon(), "demo"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "safety numbers match: no one sits in between" in lines
-    received = [line for line in lines if line.startswith("bob    <- from")]
+    received = [line for line in lines if line.startswith("bob    <- alice:")]
     assert len(received) == 3
+    assert "alice  sees all three of her messages as delivered" in lines
+    assert lines[-1] == "all nodes stopped"
     numbers = [line.split("safety number ")[1] for line in lines if "safety number " in line]
     assert len(numbers) == 2 and numbers[0] == numbers[1]
 

@@ -1,109 +1,115 @@
-"""``pigeon demo``: a conversation between two identities, end to end through
-the protocol core, printed step by step.
+"""``pigeon demo``: three real nodes on 127.0.0.1 in this process (a
+bootstrap node, Alice and Bob), each with its own encrypted database in a
+temporary directory, and a conversation between them.
 
-Bob publishes a signed record and goes offline; Alice starts a session from
-his bundle and sends sealed envelopes that arrive out of order; they talk in
-both directions; both compute the same safety number.  (When the node lands,
-this grows into real local nodes.)
+Bob publishes his record and goes offline; Alice's messages wait in her
+outbox; Bob comes back on a new port, Alice finds him through the DHT and
+delivers; they reply with receipts; both compute the same safety number; all
+nodes stop cleanly and the temporary directory is removed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import random
-import time
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
-from pigeon.protocol import (
-    AppMessage,
-    DirectoryRecord,
-    IdentityKeyPair,
-    IncomingMessage,
-    OneTimePrekey,
-    Session,
-    SignedPrekey,
-    Text,
-    format_safety_number,
-    identity_id,
-    open_envelope,
-    safety_number,
-    seal,
-)
-from pigeon.protocol.crypto import x25519_keypair
+import trio
+
+from pigeon.node.conversations import Conversations
+from pigeon.node.host import quiet_libp2p_logs
+from pigeon.node.node import Node, NodeConfig
+from pigeon.node.storage import Database
+from pigeon.protocol import ContactCode, format_safety_number, safety_number
+
+Out = Callable[[str], None]
 
 
-def _text(payload: bytes) -> str:
-    content = AppMessage.decode(payload).content
-    return content.text if isinstance(content, Text) else repr(content)
+def _database(root: Path, name: str) -> Database:
+    db = Database.create(root / name, "demo passphrase", fast_kdf=True)
+    Conversations.initialise(db, name, os.urandom)
+    return db
 
 
-def run_demo(out: Callable[[str], None] = print) -> int:
-    now = int(time.time())
-    alice = IdentityKeyPair.generate(os.urandom)
-    bob = IdentityKeyPair.generate(os.urandom)
-    out(f"alice  identity {alice.identity_id.hex()}")
-    out(f"bob    identity {bob.identity_id.hex()}")
+async def _wait(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.05)
 
-    # Bob publishes his record and one one-time prekey, then goes offline.
-    spk_private, spk_public = x25519_keypair(os.urandom)
-    otk, otk_private = OneTimePrekey.create(bob, 1, os.urandom)
-    record = DirectoryRecord(
-        bob.public_key, "bob", 1, now, now + 7 * 86400, SignedPrekey(1, spk_public, now)
-    ).sign(bob)
-    out(f"bob    published a signed record ({len(record)} bytes) and went offline")
 
-    # Alice verifies it against the key from Bob's contact code and starts a session.
-    bundle = DirectoryRecord.verify(record, now=now, identity_key=bob.public_key).bundle(otk)
-    to_bob = Session.initiate(alice, bundle, os.urandom)
-    lamport = 0
-    queued = []
-    for text in ("Hi Bob, it's Alice.", "Are you there?", "Call me when you're back."):
-        lamport += 1
-        message = AppMessage.new(Text(text), lamport=lamport, sent_at_ms=now, random=os.urandom)
-        queued.append(seal(alice, bob.public_key, to_bob.encrypt(message.encode()), os.urandom))
-        out(f"alice  -> sealed {len(queued[-1])}-byte envelope: {text!r}")
+def _texts(node: Node, direction: str) -> list[str]:
+    return [str(m["text"]) for m in node.conversations.inbox() if m["direction"] == direction]
 
-    # Bob comes back; the envelopes arrive in a scrambled order.
-    random.shuffle(queued)
-    out("bob    is back online; envelopes arrive out of order")
-    to_alice: Session | None = None
-    for envelope in queued:
-        opened = open_envelope(bob, envelope)
-        incoming = IncomingMessage.decode(opened.payload)
-        if to_alice is None:
-            to_alice, payload = Session.respond(
-                bob,
-                incoming,
-                {1: spk_private}.get,
-                {1: otk_private}.get,
-                os.urandom,
-            )
-        else:
-            payload = to_alice.decrypt(incoming)
-        out(f"bob    <- from {identity_id(opened.sender_key).hex()[:8]}: {_text(payload)!r}")
-    assert to_alice is not None
 
-    # Replies cross in both directions.
-    for sender, receiver, session, peer_session, text in (
-        ("bob", "alice", to_alice, to_bob, "Back now. Safety number check?"),
-        ("alice", "bob", to_bob, to_alice, "Sure, reading mine out."),
-        ("bob", "alice", to_alice, to_bob, "Matches. Talk soon!"),
-    ):
-        lamport += 1
-        message = AppMessage.new(Text(text), lamport=lamport, sent_at_ms=now, random=os.urandom)
-        receiver_key = alice.public_key if receiver == "alice" else bob.public_key
-        sender_key = bob if sender == "bob" else alice
-        envelope = seal(sender_key, receiver_key, session.encrypt(message.encode()), os.urandom)
-        me = alice if receiver == "alice" else bob
-        payload = peer_session.decrypt(IncomingMessage.decode(open_envelope(me, envelope).payload))
-        out(f"{receiver:6} <- {sender}: {_text(payload)!r}")
+async def _demo(root: Path, out: Out) -> int:
+    dbs = {name: _database(root, name) for name in ("boot", "alice", "bob")}
+    boot = Node(dbs["boot"], NodeConfig())
+    async with boot.running():
+        bootstrap = [boot.addresses[0]]
+        out(f"boot   node up at {bootstrap[0]}")
+        alice = Node(dbs["alice"], NodeConfig(bootstrap=bootstrap))
+        async with alice.running():
+            bob = Node(dbs["bob"], NodeConfig(bootstrap=bootstrap))
+            async with bob.running():
+                for node in (alice, bob):
+                    ident = node.conversations.identity.identity_id.hex()
+                    out(f"{node.conversations.name:6} node up, identity {ident}")
+                alice_code, bob_code = alice.contact_code(), bob.contact_code()
+                a_bob = alice.conversations.add_contact(ContactCode.parse(bob_code))
+                b_alice = bob.conversations.add_contact(ContactCode.parse(alice_code))
+                await bob.refresh_record(b_alice.identity_key)
+                await alice.refresh_record(a_bob.identity_key)
+                out("alice  and bob exchanged contact codes; records found in the DHT")
+            out("bob    went offline")
 
-    ours = safety_number(alice.public_key, alice.identity_id, bob.public_key, bob.identity_id)
-    theirs = safety_number(bob.public_key, bob.identity_id, alice.public_key, alice.identity_id)
-    out(f"alice  safety number {format_safety_number(ours)}")
-    out(f"bob    safety number {format_safety_number(theirs)}")
+            for text in ("Hi Bob, it's Alice.", "Are you there?", "Call me when you're back."):
+                await alice.send_text(alice.conversations.contact(a_bob.identity_key), text)
+                out(f"alice  -> bob: {text!r} (queued: bob is offline)")
+            await trio.sleep(1)
+
+            bob = Node(dbs["bob"], NodeConfig(bootstrap=bootstrap))
+            async with bob.running():
+                out(f"bob    is back online at a new address {bob.addresses[0]}")
+                await _wait(lambda: len(_texts(bob, "in")) == 3)
+                for text in _texts(bob, "in"):
+                    out(f"bob    <- alice: {text!r}")
+                for text in ("Back now. Safety number check?", "Matches mine. Talk soon!"):
+                    await bob.send_text(bob.conversations.contact(b_alice.identity_key), text)
+                await _wait(lambda: len(_texts(alice, "in")) == 2)
+                for text in _texts(alice, "in"):
+                    out(f"alice  <- bob: {text!r}")
+                await _wait(
+                    lambda: all(
+                        m["status"] == "delivered"
+                        for m in alice.conversations.inbox()
+                        if m["direction"] == "out"
+                    )
+                )
+                out("alice  sees all three of her messages as delivered")
+
+                a_id, b_id = alice.conversations.identity, bob.conversations.identity
+                ours = safety_number(
+                    a_id.public_key, a_id.identity_id, b_id.public_key, b_id.identity_id
+                )
+                theirs = safety_number(
+                    b_id.public_key, b_id.identity_id, a_id.public_key, a_id.identity_id
+                )
+                out(f"alice  safety number {format_safety_number(ours)}")
+                out(f"bob    safety number {format_safety_number(theirs)}")
+    for db in dbs.values():
+        db.close()
     if ours != theirs:
         out("safety numbers differ: something is wrong")
         return 1
     out("safety numbers match: no one sits in between")
+    out("all nodes stopped")
     return 0
+
+
+def run_demo(out: Out = print) -> int:
+    logging.basicConfig(level=logging.CRITICAL)
+    quiet_libp2p_logs()
+    with tempfile.TemporaryDirectory(prefix="pigeon-demo-") as tmp:
+        return trio.run(_demo, Path(tmp), out)
