@@ -91,7 +91,10 @@ class Daemon:
             self.process.kill()
             self.process.wait()
             raise AssertionError(f"daemon {self.name} did not stop on SIGTERM") from None
+        code = self.process.returncode
         self.process = None
+        if code != 0:
+            raise AssertionError(f"daemon {self.name} exited with {code} on SIGTERM")
 
     def kill9(self) -> None:
         assert self.process is not None

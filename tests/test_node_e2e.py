@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from daemons import Daemon, pigeon, wait_for
+from pigeon.node.control import Client
 
 pytestmark = pytest.mark.slow
 
@@ -49,10 +51,15 @@ def test_conversation_survives_restarts_without_loss_or_duplicates(network):
     wait_for(lambda: texts(alice, "in") == ["hi alice"])
     wait_for(lambda: texts(bob, "in") == ["hello bob", "how are you?"])
 
+    peer_ids = {d.name: d.id()["peer_id"] for d in (alice, bob)}
+    port = int(alice.address.split("/tcp/")[1].split("/")[0])
     alice.stop()
     bob.stop()
+    with socket.socket() as probe:  # the listener is really closed
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
     alice.start()
     bob.start()
+    assert {d.name: d.id()["peer_id"] for d in (alice, bob)} == peer_ids
 
     bob.cli("send", "alice", "after the restart")
     alice.cli("send", "bob", "still here")
@@ -65,6 +72,16 @@ def test_conversation_survives_restarts_without_loss_or_duplicates(network):
         assert len(ids) == len(set(ids)) == 5
     wait_for(
         lambda: all(m["status"] == "delivered" for m in alice.inbox() if m["direction"] == "out")
+    )
+    # reading sends a read receipt back
+    reader = Client(bob.home)
+    assert reader.request("read", contact="alice")["read"] == 3
+    reader.close()
+    wait_for(
+        lambda: (
+            [m["status"] for m in alice.inbox() if m["direction"] == "out"]
+            == ["read", "read", "read"]
+        )
     )
     message = next(m for m in bob.inbox() if m["text"] == "still here")
     assert message["from"] == alice.id()["identity_id"]
