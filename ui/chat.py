@@ -33,11 +33,14 @@ def _follow(home: Path, contact: str, after: int, stop: threading.Event) -> None
             break
         if event.get("event") == "message":
             texts[str(event["id"])] = str(event["text"])
+            print(_line(event))
             if event["direction"] == "in":
-                print(_line(event))
-                Client(home).request("read", contact=contact)
+                reader = Client(home)
+                reader.request("read", contact=contact)
+                reader.close()
         elif event.get("event") == "status" and event["id"] in texts:
-            print(f"      {MARKS.get(event['status'], event['status'])} {texts[event['id']][:40]}")
+            mark = MARKS.get(event["status"], event["status"])
+            print(f"      {mark} {event['status']}: {texts[event['id']][:40]}")
     client.close()
 
 
