@@ -55,9 +55,14 @@ class PrekeyHeader:
 
     @classmethod
     def decode_fields(cls, f: Fields) -> PrekeyHeader:
+        base_key = f.bytes_(2, size=32)
+        if base_key[31] & 0x80:
+            # X25519 ignores the top bit: two encodings of one key would name
+            # two sessions, so only the canonical one is accepted.
+            raise ProtocolError("base key is not a canonical X25519 public key")
         return cls(
             identity_key=f.bytes_(1, size=IDENTITY_KEY_SIZE),
-            base_key=f.bytes_(2, size=32),
+            base_key=base_key,
             signed_prekey_id=f.uint(3, default=None, maximum=_U32),
             one_time_prekey_id=f.uint(4, maximum=_U32),
         )
