@@ -4,6 +4,7 @@ the daemon keeps running, logs one line, and still delivers real messages."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ import pytest
 import trio
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -243,3 +245,28 @@ def test_junk_on_the_control_socket(pair):
     assert all(r["ok"] is False and "\n" not in r["error"] for r in replies)
     assert healthy(bob)
     assert "control client sent junk" in log_of(bob)
+
+
+def test_garbage_on_the_presence_and_dht_protocols(pair):
+    _, bob = pair
+    address = bob.address
+
+    async def send_garbage(protocol: str, data: bytes) -> None:
+        host = build_host(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"])
+        async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            try:
+                info = info_from_p2p_addr(multiaddr.Multiaddr(address))
+                await host.connect(info)
+                stream = await host.new_stream(info.peer_id, [TProtocol(protocol)])
+                await stream.write(data)
+                with trio.move_on_after(2):
+                    with contextlib.suppress(StreamEOF):
+                        await stream.read(100)
+            finally:
+                await close_host(host)
+
+    for protocol in ("/pigeon/presence/1.0.0", "/ipfs/kad/1.0.0"):
+        for data in (os.urandom(64), encode_varint(10**9) + b"x", b"\x05\x08\x01"):
+            trio.run(send_garbage, protocol, data)
+            assert healthy(bob), protocol
+    wait_for(lambda: "bad presence frame" in log_of(bob), timeout=5)
