@@ -230,7 +230,8 @@ def cmd_inbox(home: Path, args: argparse.Namespace) -> int:
     after = max((m["seq"] for m in messages), default=0)
     client.request("follow", contact=args.contact, after=after)
     for event in client.events():
-        _print_message(event, args.json)
+        if event.get("event") == "message":
+            _print_message(event, args.json)
     return 0
 
 
