@@ -11,6 +11,7 @@ until acknowledged and retries with backoff.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
+from nacl.signing import SigningKey
 
 from pigeon.protocol import (
     ContactCode,
@@ -38,13 +40,22 @@ from pigeon.protocol import (
 )
 from pigeon.protocol.crypto import sha256
 from pigeon.protocol.envelope import MAX_ENVELOPE
-from pigeon.protocol.records import Device
+from pigeon.protocol.mailbox import Op, Request, mailbox_id, proof_message
+from pigeon.protocol.records import Device, MailboxEntry
 from pigeon.protocol.wire import Fields, Writer
 
 from . import directory
 from .conversations import Contact, Conversations, NoRoute
 from .framing import StreamClosed, frame, read_frame
 from .host import build_host, close_host
+from .mailbox import (
+    MAILBOX_PROTOCOL,
+    PROVIDER_KEY,
+    MailboxLimits,
+    MailboxService,
+    MailboxStore,
+)
+from .mailbox import call as mailbox_call
 from .storage import Database
 
 log = logging.getLogger("pigeon.node")
@@ -53,6 +64,7 @@ ENVELOPE_PROTOCOL = TProtocol("/pigeon/envelope/1.0.0")
 PRESENCE_PROTOCOL = TProtocol("/pigeon/presence/1.0.0")
 MAX_FRAME = 2 * MAX_ENVELOPE
 MAX_BATCH = 128  # envelopes per frame
+MAILBOX_MAX_FAILURES = 3  # consecutive failed collections before a mailbox is replaced
 STREAM_IDLE = 2.0  # seconds a delivery stream waits for more before closing
 RECORD_LIFETIME = 24 * 3600
 REPUBLISH_EVERY = 30 * 60
@@ -64,6 +76,10 @@ class NodeConfig:
     listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     bootstrap: list[str] = field(default_factory=list)
     announce_presence: bool = True
+    serve_mailbox: bool = False
+    mailbox_count: int = 3
+    mailbox_interval: float = 30.0  # seconds between mailbox collections and checks
+    mailbox_limits: MailboxLimits = field(default_factory=MailboxLimits)
 
 
 class Node:
@@ -83,7 +99,13 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._present: set[ID] = set()  # contact devices that announced themselves
         self._greeted: set[ID] = set()  # contact devices we announced ourselves to
-        self.stats = {"received": 0, "sent": 0, "refused": 0}
+        self.stats = {"received": 0, "sent": 0, "refused": 0, "deposited": 0}
+        self.mailbox_service: MailboxService | None = None
+        if config.serve_mailbox:
+            store = MailboxStore(db, config.mailbox_limits)
+            self.mailbox_service = MailboxService(store, config.mailbox_limits)
+        self._collect_now = trio.Event()
+        self._republish = trio.Event()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -96,12 +118,17 @@ class Node:
             stack.push_async_callback(close_host, self.host)
             self.host.set_stream_handler(ENVELOPE_PROTOCOL, self._handle_envelopes)
             self.host.set_stream_handler(PRESENCE_PROTOCOL, self._handle_presence)
+            if self.mailbox_service is not None:
+                self.host.set_stream_handler(MAILBOX_PROTOCOL, self.mailbox_service.handle)
             nursery = await stack.enter_async_context(trio.open_nursery())
             self._nursery = nursery
             self.host.get_network().register_notifee(_Connections(self))
             await self._bootstrap()
             nursery.start_soon(self._publish_loop)
             nursery.start_soon(self._outbox_loop)
+            nursery.start_soon(self._mailbox_owner_loop)
+            if self.mailbox_service is not None:
+                nursery.start_soon(self._mailbox_service_loop)
             try:
                 yield self
             finally:
@@ -141,19 +168,171 @@ class Node:
             expires_at=now + RECORD_LIFETIME,
             signed_prekey=conv.current_signed_prekey(),
             devices=(Device(cert, tuple(self.addresses)),),
+            mailboxes=tuple(
+                MailboxEntry(peer_id, self.mailbox_id, tuple(addresses))
+                for peer_id, addresses in self.my_mailboxes()
+            ),
         )
         return record.sign(conv.identity)
 
     async def _publish_loop(self) -> None:
         while True:
+            await self.publish()
+            with trio.move_on_after(REPUBLISH_EVERY):
+                await self._republish.wait()
+            self._republish = trio.Event()
+
+    async def publish(self) -> None:
+        try:
+            await directory.publish(self.dht, self.record(), self.conversations.identity.public_key)
+            log.info("published directory record")
+        except Exception as error:
+            log.warning("publishing the directory record failed: %s", error)
+
+    # -- mailboxes: our own (as a recipient) ----------------------------------------------
+
+    @property
+    def mailbox_key(self) -> SigningKey:
+        seed = self.db.get_meta("mailbox_seed")
+        if seed is None:
+            seed = os.urandom(32)
+            with self.db.transaction():
+                self.db.set_meta("mailbox_seed", seed)
+        return SigningKey(seed)
+
+    @property
+    def mailbox_id(self) -> bytes:
+        return mailbox_id(bytes(self.mailbox_key.verify_key))
+
+    def my_mailboxes(self) -> list[tuple[bytes, list[str]]]:
+        return [
+            (bytes(r[0]), list(json.loads(r[1])))
+            for r in self.db.all(
+                "SELECT peer_id, addresses FROM my_mailboxes ORDER BY registered_at"
+            )
+        ]
+
+    async def _mailbox_owner_loop(self) -> None:
+        """Keep k mailboxes registered, and collect from them: at start-up,
+        on every interval, and when asked."""
+        while True:
             try:
-                await directory.publish(
-                    self.dht, self.record(), self.conversations.identity.public_key
-                )
-                log.info("published directory record")
+                if await self._ensure_mailboxes():
+                    self._republish.set()
+                await self.collect_mailboxes()
             except Exception as error:
-                log.warning("publishing the directory record failed: %s", error)
-            await trio.sleep(REPUBLISH_EVERY)
+                log.warning("mailbox upkeep failed: %s", error)
+            with trio.move_on_after(self.config.mailbox_interval):
+                await self._collect_now.wait()
+            self._collect_now = trio.Event()
+
+    async def _ensure_mailboxes(self) -> bool:
+        have = {peer for peer, _ in self.my_mailboxes()}
+        if len(have) >= self.config.mailbox_count:
+            return False
+        changed = False
+        with trio.move_on_after(20):
+            providers = await self.dht.find_providers(PROVIDER_KEY, 20)
+            seen = set()
+            for info in providers:
+                raw = info.peer_id.to_bytes()
+                if raw in have or raw in seen or info.peer_id == self.host.get_id():
+                    continue
+                seen.add(raw)
+                if len(have) >= self.config.mailbox_count:
+                    break
+                try:
+                    (reply,) = await mailbox_call(
+                        self.host,
+                        info,
+                        [Request(Op.REGISTER, public_key=bytes(self.mailbox_key.verify_key))],
+                    )
+                except Exception as error:
+                    log.info("mailbox %s did not answer: %s", info.peer_id, error)
+                    continue
+                if not reply.ok:
+                    log.info("mailbox %s refused us: %s", info.peer_id, reply.error)
+                    continue
+                addresses = [f"{a}/p2p/{info.peer_id}" for a in info.addrs]
+                with self.db.transaction():
+                    self.db.execute(
+                        "INSERT OR REPLACE INTO my_mailboxes (peer_id, addresses, registered_at)"
+                        " VALUES (?, ?, ?)",
+                        (raw, json.dumps(addresses), int(time.time())),
+                    )
+                have.add(raw)
+                changed = True
+                log.info("registered with mailbox %s", info.peer_id)
+        return changed
+
+    async def collect_mailboxes(self) -> int:
+        """Fetch, store and then delete what our mailboxes hold for us."""
+        total = 0
+        for peer_raw, addresses in self.my_mailboxes():
+            info = PeerInfo(
+                ID(peer_raw), [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in addresses]
+            )
+            try:
+                total += await self._collect_from(info)
+                self.db.execute(
+                    "UPDATE my_mailboxes SET failures = 0 WHERE peer_id = ?", (peer_raw,)
+                )
+            except Exception as error:
+                log.info("collecting from mailbox %s failed: %s", info.peer_id, error)
+                self.db.execute(
+                    "UPDATE my_mailboxes SET failures = failures + 1 WHERE peer_id = ?", (peer_raw,)
+                )
+                row = self.db.one(
+                    "SELECT failures FROM my_mailboxes WHERE peer_id = ?", (peer_raw,)
+                )
+                if row is not None and row[0] >= MAILBOX_MAX_FAILURES:
+                    log.warning("mailbox %s stays unreachable: replacing it", info.peer_id)
+                    self.db.execute("DELETE FROM my_mailboxes WHERE peer_id = ?", (peer_raw,))
+                    self._collect_now.set()
+        return total
+
+    async def _collect_from(self, info: PeerInfo) -> int:
+        box, key = self.mailbox_id, self.mailbox_key
+        collected = 0
+        while True:
+            (challenge,) = await mailbox_call(self.host, info, [Request(Op.CHALLENGE, box)])
+            nonce = challenge.nonce
+            signature = key.sign(proof_message(Op.FETCH, box, nonce)).signature
+            (fetched,) = await mailbox_call(
+                self.host, info, [Request(Op.FETCH, box, nonce=nonce, signature=signature)]
+            )
+            if not fetched.ok:
+                raise ProtocolError(f"mailbox refused our pickup: {fetched.error}")
+            if not fetched.items:
+                return collected
+            statuses = self._accept([item.envelope for item in fetched.items], info.peer_id)
+            collected += statuses.count(ACK_STORED)
+            done = tuple(item.item_id for item in fetched.items)
+            (challenge,) = await mailbox_call(self.host, info, [Request(Op.CHALLENGE, box)])
+            signature = key.sign(proof_message(Op.DELETE, box, challenge.nonce, done)).signature
+            await mailbox_call(
+                self.host,
+                info,
+                [
+                    Request(
+                        Op.DELETE, box, nonce=challenge.nonce, signature=signature, item_ids=done
+                    )
+                ],
+            )
+
+    # -- mailboxes: serving others ----------------------------------------------------------
+
+    async def _mailbox_service_loop(self) -> None:
+        assert self.mailbox_service is not None
+        while True:
+            try:
+                await self.dht.provide(PROVIDER_KEY)
+            except Exception as error:
+                log.warning("advertising the mailbox failed: %s", error)
+            expired = self.mailbox_service.store.expire(int(time.time()))
+            if expired:
+                log.info("deleted %d expired envelopes", expired)
+            await trio.sleep(min(60.0, self.config.mailbox_interval))
 
     # -- contacts -------------------------------------------------------------------------
 
@@ -293,7 +472,10 @@ class Node:
             if not delivered:
                 record = await self.refresh_record(key)
                 if record is not None:
-                    delivered = await self._deliver_to(self.conversations.contact(key))
+                    contact = self.conversations.contact(key)
+                    delivered = await self._deliver_to(contact)
+            if not delivered and contact.record is not None and contact.record.mailboxes:
+                delivered = await self._deposit(contact)
             if delivered:
                 self._backoff.pop(key, None)
             else:
@@ -335,6 +517,33 @@ class Node:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     await stream.close()
         return False
+
+    async def _deposit(self, contact: Contact) -> bool:
+        """Leave every pending envelope with every mailbox the contact lists;
+        an envelope counts as sent once at least one mailbox stored it."""
+        assert contact.record is not None
+        pending = self.conversations.pending_envelopes(contact.identity_key, limit=MAX_BATCH)
+        stored: set[bytes] = set()
+        for entry in contact.record.mailboxes:
+            info = PeerInfo(
+                ID(entry.peer_id),
+                [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in entry.addresses],
+            )
+            requests = [Request(Op.DEPOSIT, entry.mailbox_id, envelope=e) for _, e in pending]
+            try:
+                replies = await mailbox_call(self.host, info, requests)
+            except Exception as error:
+                log.info("mailbox %s unreachable: %s", info.peer_id, error)
+                continue
+            for (digest, _), reply in zip(pending, replies, strict=True):
+                if reply.ok:
+                    stored.add(digest)
+                else:
+                    log.info("mailbox %s refused a deposit: %s", info.peer_id, reply.error)
+        if stored:
+            self.conversations.acknowledged(list(stored))
+            self.stats["deposited"] += len(stored)
+        return len(stored) == len(pending) and bool(pending)
 
     async def _push(self, stream: INetStream, key: bytes) -> None:
         """Send every pending envelope for ``key`` in batches, pipelined."""
@@ -435,6 +644,15 @@ class Node:
             "connections": len(self.host.get_network().connections),
             "dht_peers": self.dht.get_routing_table_size(),
             "outbox": self.db.one("SELECT count(*) FROM outbox")[0],
+            "mailboxes": [ID(peer).pretty() for peer, _ in self.my_mailboxes()],
+            **(
+                {
+                    "mailbox_serving": self.mailbox_service.store.usage(),
+                    **{f"mailbox_{k}": v for k, v in self.mailbox_service.stats.items()},
+                }
+                if self.mailbox_service is not None
+                else {}
+            ),
             "messages": self.db.one("SELECT count(*) FROM messages")[0],
             **self.stats,
         }

@@ -65,6 +65,20 @@ MIGRATIONS: list[str] = [
         attempts INTEGER NOT NULL DEFAULT 0);
     CREATE TABLE received_envelopes (digest BLOB PRIMARY KEY, received_at INTEGER NOT NULL);
     """,
+    # version 2: mailboxes, both roles
+    """
+    CREATE TABLE mailbox_owners (
+        mailbox_id BLOB PRIMARY KEY, public_key BLOB NOT NULL, registered_at INTEGER NOT NULL,
+        quota_messages INTEGER NOT NULL, quota_bytes INTEGER NOT NULL);
+    CREATE TABLE mailbox_items (
+        id BLOB PRIMARY KEY, mailbox_id BLOB NOT NULL, envelope BLOB NOT NULL,
+        size INTEGER NOT NULL, deposited_at INTEGER NOT NULL, expires_at INTEGER NOT NULL);
+    CREATE INDEX mailbox_items_by_box ON mailbox_items (mailbox_id, deposited_at);
+    CREATE INDEX mailbox_items_by_expiry ON mailbox_items (expires_at);
+    CREATE TABLE my_mailboxes (
+        peer_id BLOB PRIMARY KEY, addresses TEXT NOT NULL, registered_at INTEGER NOT NULL,
+        failures INTEGER NOT NULL DEFAULT 0);
+    """,
 ]
 
 

@@ -27,6 +27,7 @@ from .wire import Fields, Writer
 RECORD_VERSION = 1
 MAX_RECORD_SIZE = 8192
 MAX_DEVICES = 8
+MAX_MAILBOXES = 8
 MAX_ADDRESSES = 16
 MAX_ADDRESS_SIZE = 256
 MAX_CLOCK_SKEW = 300
@@ -170,6 +171,33 @@ class Device:
 
 
 @dataclass(frozen=True)
+class MailboxEntry:
+    """A mailbox peer holding sealed envelopes for this identity."""
+
+    peer_id: bytes
+    mailbox_id: bytes
+    addresses: tuple[str, ...] = ()
+
+    def encode(self) -> bytes:
+        return (
+            Writer()
+            .bytes_(1, self.peer_id)
+            .bytes_(2, self.mailbox_id)
+            .repeated_text(3, self.addresses)
+            .finish()
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> MailboxEntry:
+        f = Fields(data, repeated=(3,))
+        return cls(
+            f.bytes_(1, max_size=64),
+            f.bytes_(2, size=16),
+            tuple(f.repeated_text(3, max_count=MAX_ADDRESSES, max_size=MAX_ADDRESS_SIZE)),
+        )
+
+
+@dataclass(frozen=True)
 class PrekeyBundle:
     """What an initiator needs to run X3DH with someone."""
 
@@ -187,6 +215,7 @@ class DirectoryRecord:
     expires_at: int
     signed_prekey: SignedPrekey
     devices: tuple[Device, ...] = ()
+    mailboxes: tuple[MailboxEntry, ...] = ()
 
     @property
     def identity_id(self) -> bytes:
@@ -211,6 +240,7 @@ class DirectoryRecord:
             .bytes_(7, self.signed_prekey.encode())
         )
         w.repeated_bytes(8, (device.encode() for device in self.devices))
+        w.repeated_bytes(9, (mailbox.encode() for mailbox in self.mailboxes))
         return w.finish()
 
     def sign(self, identity: IdentityKeyPair) -> bytes:
@@ -244,7 +274,7 @@ class DirectoryRecord:
         outer = Fields(data)
         body = outer.bytes_(1)
         signature = outer.bytes_(2, size=SIGNATURE_SIZE)
-        f = Fields(body, repeated=(8,))
+        f = Fields(body, repeated=(8, 9))
         version = f.uint(1, default=None)
         if version != RECORD_VERSION:
             raise ProtocolError(f"unsupported record version {version}")
@@ -264,6 +294,10 @@ class DirectoryRecord:
             devices=tuple(
                 Device.decode(raw)
                 for raw in f.repeated_bytes(8, max_count=MAX_DEVICES, max_size=MAX_RECORD_SIZE)
+            ),
+            mailboxes=tuple(
+                MailboxEntry.decode(raw)
+                for raw in f.repeated_bytes(9, max_count=MAX_MAILBOXES, max_size=MAX_RECORD_SIZE)
             ),
         )
         for device in record.devices:

@@ -67,6 +67,16 @@ def _parser() -> argparse.ArgumentParser:
     daemon.add_argument("--listen", action="append", metavar="MULTIADDR", default=[])
     daemon.add_argument("--bootstrap", action="append", metavar="MULTIADDR", default=[])
     daemon.add_argument(
+        "--mailbox", action="store_true", help="also serve as a mailbox peer for others"
+    )
+    daemon.add_argument(
+        "--mailbox-interval",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how often to collect from your mailboxes (default 30)",
+    )
+    daemon.add_argument(
         "--no-presence",
         action="store_true",
         help="do not tell contacts when you are online",
@@ -185,7 +195,12 @@ def cmd_daemon(home: Path, args: argparse.Namespace) -> int:
     from pigeon.node.daemon import run_daemon
     from pigeon.node.node import NodeConfig
 
-    config = NodeConfig(bootstrap=args.bootstrap, announce_presence=not args.no_presence)
+    config = NodeConfig(
+        bootstrap=args.bootstrap,
+        announce_presence=not args.no_presence,
+        serve_mailbox=args.mailbox,
+        mailbox_interval=args.mailbox_interval,
+    )
     if args.listen:
         config.listen = args.listen
     return run_daemon(home, passphrase(), config, verbose=args.verbose)
@@ -238,8 +253,13 @@ def cmd_inbox(home: Path, args: argparse.Namespace) -> int:
 def cmd_status(home: Path, args: argparse.Namespace) -> int:
     reply = _client(home).request("status")
     reply.pop("ok", None)
+    serving = reply.pop("mailbox_serving", None)
     for key, value in reply.items():
-        print(f"{key:12} {value}")
+        print(f"{key:16} {value}")
+    if serving is not None:
+        print("mailbox holds:")
+        for box in serving:
+            print(f"  {box['mailbox'][:16]}  {box['messages']} messages, {box['bytes']} bytes")
     return 0
 
 

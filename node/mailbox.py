@@ -1,0 +1,258 @@
+"""Mailbox peers: store-and-forward of sealed envelopes for offline contacts.
+
+Server side (``pigeon daemon --mailbox``): ``MailboxStore`` keeps envelopes
+in the node's own encrypted database, committed with fsync before a deposit
+is acknowledged; ``MailboxService`` answers ``/pigeon/mailbox/1.0.0`` with
+per-owner quotas, a per-depositor rate limit, expiry, and owner-only pickup
+proven over single-use challenges.  Client side: ``call`` makes one request.
+The store never sees a sender or a plaintext: only sealed envelopes.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.peerinfo import PeerInfo
+
+from pigeon.protocol import DecryptError, PigeonError, ProtocolError
+from pigeon.protocol.envelope import MAX_ENVELOPE
+from pigeon.protocol.keys import verify_signature
+from pigeon.protocol.mailbox import (
+    ITEM_ID_SIZE,
+    MAX_ITEMS,
+    NONCE_SIZE,
+    Item,
+    Op,
+    Request,
+    Response,
+    mailbox_id,
+    proof_message,
+)
+
+from .framing import frame, read_frame
+from .storage import Database
+
+log = logging.getLogger("pigeon.mailbox")
+
+MAILBOX_PROTOCOL = TProtocol("/pigeon/mailbox/1.0.0")
+# Mailbox peers announce themselves as providers of this DHT key (a sha2-256
+# multihash, hex, of "pigeon/mailboxes/v1").
+PROVIDER_KEY = "1220" + hashlib.sha256(b"pigeon/mailboxes/v1").hexdigest()
+MAX_FRAME = MAX_ENVELOPE + 4096
+MAX_RESPONSE = MAX_ITEMS * (MAX_ENVELOPE // 64) + 4096
+
+
+@dataclass(frozen=True)
+class MailboxLimits:
+    default_ttl: int = 30 * 24 * 3600
+    max_ttl: int = 30 * 24 * 3600
+    quota_messages: int = 10_000
+    quota_bytes: int = 256 * 1024 * 1024
+    deposits_per_minute: int = 60
+    challenge_ttl: float = 60.0
+
+
+class MailboxRefused(PigeonError):
+    """A mailbox said no; the message says why, for the sender to act on."""
+
+
+class MailboxStore:
+    def __init__(self, db: Database, limits: MailboxLimits) -> None:
+        self.db = db
+        self.limits = limits
+
+    def register(self, public_key: bytes, now: int) -> bytes:
+        box = mailbox_id(public_key)
+        self.db.execute(
+            "INSERT INTO mailbox_owners (mailbox_id, public_key, registered_at, quota_messages,"
+            " quota_bytes) VALUES (?, ?, ?, ?, ?) ON CONFLICT (mailbox_id) DO NOTHING",
+            (box, public_key, now, self.limits.quota_messages, self.limits.quota_bytes),
+        )
+        return box
+
+    def owner_key(self, box: bytes) -> bytes | None:
+        row = self.db.one("SELECT public_key FROM mailbox_owners WHERE mailbox_id = ?", (box,))
+        return None if row is None else bytes(row[0])
+
+    def deposit(self, box: bytes, envelope: bytes, ttl: int, now: int) -> bytes:
+        """Store durably (the commit is fsynced) and return the item ID."""
+        with self.db.transaction():
+            owner = self.db.one(
+                "SELECT quota_messages, quota_bytes FROM mailbox_owners WHERE mailbox_id = ?",
+                (box,),
+            )
+            if owner is None:
+                raise MailboxRefused("no such mailbox here")
+            count, size = self.db.one(
+                "SELECT count(*), coalesce(sum(size), 0) FROM mailbox_items WHERE mailbox_id = ?",
+                (box,),
+            )
+            if count + 1 > owner[0] or size + len(envelope) > owner[1]:
+                raise MailboxRefused("the recipient's mailbox is full; try again later")
+            item_id = os.urandom(ITEM_ID_SIZE)
+            ttl = min(ttl or self.limits.default_ttl, self.limits.max_ttl)
+            self.db.execute(
+                "INSERT INTO mailbox_items (id, mailbox_id, envelope, size, deposited_at,"
+                " expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (item_id, box, envelope, len(envelope), now, now + ttl),
+            )
+        return item_id
+
+    def fetch(self, box: bytes, limit: int) -> list[Item]:
+        return [
+            Item(bytes(r[0]), bytes(r[1]), r[2])
+            for r in self.db.all(
+                "SELECT id, envelope, deposited_at FROM mailbox_items WHERE mailbox_id = ?"
+                " ORDER BY deposited_at, rowid LIMIT ?",
+                (box, limit),
+            )
+        ]
+
+    def delete(self, box: bytes, item_ids: tuple[bytes, ...]) -> None:
+        with self.db.transaction():
+            for item_id in item_ids:
+                self.db.execute(
+                    "DELETE FROM mailbox_items WHERE id = ? AND mailbox_id = ?", (item_id, box)
+                )
+
+    def expire(self, now: int) -> int:
+        with self.db.transaction():
+            cursor = self.db.execute("DELETE FROM mailbox_items WHERE expires_at <= ?", (now,))
+            return int(cursor.rowcount)
+
+    def usage(self) -> list[dict[str, object]]:
+        return [
+            {"mailbox": bytes(r[0]).hex(), "messages": r[1], "bytes": r[2]}
+            for r in self.db.all(
+                "SELECT o.mailbox_id, count(i.id), coalesce(sum(i.size), 0) FROM mailbox_owners o"
+                " LEFT JOIN mailbox_items i ON i.mailbox_id = o.mailbox_id GROUP BY o.mailbox_id"
+            )
+        ]
+
+
+class MailboxService:
+    """The protocol handler: one request, one response, per frame."""
+
+    def __init__(self, store: MailboxStore, limits: MailboxLimits) -> None:
+        self.store = store
+        self.limits = limits
+        self._challenges: dict[bytes, tuple[bytes, float]] = {}
+        self._deposits: dict[object, collections.deque[float]] = {}
+        self.stats = {"deposits": 0, "refused": 0, "fetched": 0}
+
+    async def handle(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id
+        try:
+            while True:
+                try:
+                    data = await read_frame(stream, MAX_FRAME)
+                except ProtocolError:
+                    raise
+                except Exception:
+                    return
+                response = self.answer(data, peer)
+                await stream.write(frame(response.encode()))
+        except ProtocolError as error:
+            log.warning("peer=%s sent a bad mailbox frame: %s", peer, error)
+        except trio.TooSlowError:
+            log.info("peer=%s mailbox stream idle, closed", peer)
+        except Exception as error:
+            log.info("peer=%s mailbox stream ended: %s", peer, type(error).__name__)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await stream.close()
+
+    def answer(self, data: bytes, peer: object) -> Response:
+        try:
+            request = Request.decode(data, MAX_ENVELOPE)
+            return self._answer(request, peer)
+        except MailboxRefused as error:
+            self.stats["refused"] += 1
+            log.info("peer=%s mailbox request refused: %s", peer, error)
+            return Response(ok=False, error=str(error))
+        except DecryptError:
+            self.stats["refused"] += 1
+            log.warning("peer=%s mailbox proof refused", peer)
+            return Response(ok=False, error="proof refused")
+
+    def _answer(self, request: Request, peer: object) -> Response:
+        now = time.time()
+        if request.op == Op.REGISTER:
+            box = self.store.register(request.public_key, int(now))
+            return Response(ok=True, item_id=box)
+        if request.op == Op.DEPOSIT:
+            self._rate_limit(peer, now)
+            item_id = self.store.deposit(
+                request.mailbox_id, request.envelope, request.ttl_s, int(now)
+            )
+            self.stats["deposits"] += 1
+            return Response(ok=True, item_id=item_id)
+        if request.op == Op.CHALLENGE:
+            self._forget_old_challenges(now)
+            nonce = os.urandom(NONCE_SIZE)
+            self._challenges[nonce] = (request.mailbox_id, now + self.limits.challenge_ttl)
+            return Response(ok=True, nonce=nonce)
+        # FETCH and DELETE: prove the mailbox key over a fresh, single-use challenge
+        self._check_proof(request, now)
+        if request.op == Op.FETCH:
+            items = self.store.fetch(request.mailbox_id, request.limit or MAX_ITEMS)
+            self.stats["fetched"] += len(items)
+            return Response(ok=True, items=tuple(items))
+        self.store.delete(request.mailbox_id, request.item_ids)
+        return Response(ok=True)
+
+    def _check_proof(self, request: Request, now: float) -> None:
+        challenge = self._challenges.pop(request.nonce, None)
+        key = self.store.owner_key(request.mailbox_id)
+        if challenge is None or challenge[0] != request.mailbox_id or challenge[1] < now:
+            raise DecryptError()
+        if key is None:
+            raise DecryptError()
+        verify_signature(
+            key,
+            proof_message(request.op, request.mailbox_id, request.nonce, request.item_ids),
+            request.signature,
+        )
+
+    def _forget_old_challenges(self, now: float) -> None:
+        if len(self._challenges) > 10_000:
+            for nonce in [n for n, (_, t) in self._challenges.items() if t < now]:
+                del self._challenges[nonce]
+            if len(self._challenges) > 10_000:
+                raise MailboxRefused("too many open challenges; try again later")
+
+    def _rate_limit(self, peer: object, now: float) -> None:
+        window = self._deposits.setdefault(peer, collections.deque())
+        while window and window[0] < now - 60:
+            window.popleft()
+        if len(window) >= self.limits.deposits_per_minute:
+            raise MailboxRefused(
+                f"rate limit: at most {self.limits.deposits_per_minute} deposits a minute;"
+                " retry later"
+            )
+        window.append(now)
+
+
+async def call(host: IHost, peer: PeerInfo, requests: list[Request]) -> list[Response]:
+    """Send requests to a mailbox on one stream; responses in order."""
+    with trio.fail_after(20):
+        if peer.addrs:
+            await host.connect(peer)
+        stream = await host.new_stream(peer.peer_id, [MAILBOX_PROTOCOL])
+    try:
+        responses = []
+        for request in requests:
+            await stream.write(frame(request.encode()))
+            responses.append(Response.decode(await read_frame(stream, MAX_RESPONSE), MAX_ENVELOPE))
+        return responses
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await stream.close()

@@ -1,0 +1,152 @@
+"""The mailbox protocol's messages: deposits, registration and owner-only
+pickup with proofs over fresh challenges.  No I/O here.
+
+A mailbox stores sealed envelopes under a mailbox ID: a hash of the owner's
+mailbox key (an Ed25519 key that is not the identity key).  Listing, fetching
+and deleting need the owner's signature over a challenge the mailbox issued
+for that one request, so a captured proof cannot be replayed.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from .crypto import sha256
+from .errors import ProtocolError
+from .keys import SIGNATURE_SIZE
+from .wire import Fields, Writer
+
+MAILBOX_ID_SIZE = 16
+ITEM_ID_SIZE = 16
+NONCE_SIZE = 32
+MAX_ITEMS = 256
+_PROOF_CONTEXT = b"pigeon/mailbox-proof/v1\x00"
+
+
+class Op(IntEnum):
+    REGISTER = 1
+    DEPOSIT = 2
+    CHALLENGE = 3
+    FETCH = 4
+    DELETE = 5
+
+
+def mailbox_id(mailbox_key: bytes) -> bytes:
+    return sha256(b"pigeon/mailbox-id/v1\x00" + mailbox_key)[:MAILBOX_ID_SIZE]
+
+
+def proof_message(op: Op, box: bytes, nonce: bytes, item_ids: tuple[bytes, ...] = ()) -> bytes:
+    """What the owner signs: the operation, the mailbox, the challenge and the items."""
+    return _PROOF_CONTEXT + struct.pack(">B", op) + box + nonce + b"".join(item_ids)
+
+
+@dataclass(frozen=True)
+class Request:
+    op: Op
+    mailbox_id: bytes = b""
+    envelope: bytes = b""
+    ttl_s: int = 0
+    public_key: bytes = b""
+    nonce: bytes = b""
+    signature: bytes = b""
+    item_ids: tuple[bytes, ...] = ()
+    limit: int = 0
+
+    def encode(self) -> bytes:
+        return (
+            Writer()
+            .uint(1, self.op)
+            .bytes_(2, self.mailbox_id)
+            .bytes_(3, self.envelope)
+            .uint(4, self.ttl_s)
+            .bytes_(5, self.public_key)
+            .bytes_(6, self.nonce)
+            .bytes_(7, self.signature)
+            .repeated_bytes(8, self.item_ids)
+            .uint(9, self.limit)
+            .finish()
+        )
+
+    @classmethod
+    def decode(cls, data: bytes, max_envelope: int) -> Request:
+        f = Fields(data, repeated=(8,))
+        try:
+            op = Op(f.uint(1, default=None))
+        except ValueError:
+            raise ProtocolError("unknown mailbox operation") from None
+        box = f.bytes_(2, required=op != Op.REGISTER, size=None)
+        if box and len(box) != MAILBOX_ID_SIZE:
+            raise ProtocolError("mailbox ID has the wrong size")
+        ids = f.repeated_bytes(8, max_count=MAX_ITEMS, max_size=ITEM_ID_SIZE)
+        if any(len(i) != ITEM_ID_SIZE for i in ids):
+            raise ProtocolError("item ID has the wrong size")
+        request = cls(
+            op=op,
+            mailbox_id=box,
+            envelope=f.bytes_(3, required=op == Op.DEPOSIT, max_size=max_envelope),
+            ttl_s=f.uint(4, maximum=0xFFFFFFFF),
+            public_key=f.bytes_(
+                5, required=op == Op.REGISTER, size=32 if op == Op.REGISTER else None
+            ),
+            nonce=f.bytes_(6, required=op in (Op.FETCH, Op.DELETE), max_size=NONCE_SIZE),
+            signature=f.bytes_(7, required=op in (Op.FETCH, Op.DELETE), max_size=SIGNATURE_SIZE),
+            item_ids=tuple(ids),
+            limit=f.uint(9, maximum=MAX_ITEMS),
+        )
+        return request
+
+
+@dataclass(frozen=True)
+class Item:
+    item_id: bytes
+    envelope: bytes
+    deposited_at: int
+
+
+@dataclass(frozen=True)
+class Response:
+    ok: bool
+    error: str = ""
+    nonce: bytes = b""
+    items: tuple[Item, ...] = field(default_factory=tuple)
+    item_id: bytes = b""
+
+    def encode(self) -> bytes:
+        w = (
+            Writer()
+            .uint(1, 0 if self.ok else 1)
+            .text(2, self.error)
+            .bytes_(3, self.nonce)
+            .bytes_(5, self.item_id)
+        )
+        w.repeated_bytes(
+            4,
+            (
+                Writer().bytes_(1, i.item_id).bytes_(2, i.envelope).uint(3, i.deposited_at).finish()
+                for i in self.items
+            ),
+        )
+        return w.finish()
+
+    @classmethod
+    def decode(cls, data: bytes, max_envelope: int) -> Response:
+        f = Fields(data, repeated=(4,))
+        items = []
+        for raw in f.repeated_bytes(4, max_count=MAX_ITEMS, max_size=max_envelope + 64):
+            item = Fields(raw)
+            items.append(
+                Item(
+                    item.bytes_(1, size=ITEM_ID_SIZE),
+                    item.bytes_(2, max_size=max_envelope),
+                    item.uint(3),
+                )
+            )
+        return cls(
+            ok=f.uint(1, maximum=1) == 0,
+            error=f.text(2, required=False, max_size=200),
+            nonce=f.bytes_(3, required=False, max_size=NONCE_SIZE),
+            items=tuple(items),
+            item_id=f.bytes_(5, required=False, max_size=ITEM_ID_SIZE),
+        )
