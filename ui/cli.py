@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
         "--mailbox", action="store_true", help="also serve as a mailbox peer for others"
     )
     daemon.add_argument(
+        "--mailbox-rate-limit",
+        type=int,
+        default=60,
+        metavar="N",
+        help="as a mailbox: deposits accepted per depositor per minute (default 60)",
+    )
+    daemon.add_argument(
         "--mailbox-interval",
         type=float,
         default=30.0,
@@ -193,6 +200,7 @@ def cmd_id(home: Path, args: argparse.Namespace) -> int:
 
 def cmd_daemon(home: Path, args: argparse.Namespace) -> int:
     from pigeon.node.daemon import run_daemon
+    from pigeon.node.mailbox import MailboxLimits
     from pigeon.node.node import NodeConfig
 
     config = NodeConfig(
@@ -200,6 +208,7 @@ def cmd_daemon(home: Path, args: argparse.Namespace) -> int:
         announce_presence=not args.no_presence,
         serve_mailbox=args.mailbox,
         mailbox_interval=args.mailbox_interval,
+        mailbox_limits=MailboxLimits(deposits_per_minute=args.mailbox_rate_limit),
     )
     if args.listen:
         config.listen = args.listen
