@@ -22,6 +22,7 @@ from pigeon.protocol import (
     DirectoryRecord,
     IdentityKeyPair,
     IncomingMessage,
+    OneTimePrekey,
     PigeonError,
     ProtocolError,
     Receipt,
@@ -146,6 +147,28 @@ class Conversations:
     def _signed_prekey_private(self, prekey_id: int) -> bytes | None:
         row = self.db.one("SELECT private FROM signed_prekeys WHERE id = ?", (prekey_id,))
         return None if row is None else bytes(row[0])
+
+    def new_one_time_prekeys(self, count: int, mailbox: bytes) -> list[OneTimePrekey]:
+        """Make ``count`` one-time prekeys to leave with ``mailbox``; keep their private keys."""
+        with self.db.transaction():
+            first = int(self.db.one("SELECT coalesce(max(id), 0) FROM one_time_prekeys")[0]) + 1
+            prekeys = []
+            for prekey_id in range(first, first + count):
+                prekey, private = OneTimePrekey.create(self.identity, prekey_id, self.random)
+                self.db.execute(
+                    "INSERT INTO one_time_prekeys (id, private, public, signature, created_at,"
+                    " mailbox) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        prekey_id,
+                        private,
+                        prekey.public_key,
+                        prekey.signature,
+                        self.clock(),
+                        mailbox,
+                    ),
+                )
+                prekeys.append(prekey)
+        return prekeys
 
     def _one_time_prekey_private(self, prekey_id: int) -> bytes | None:
         row = self.db.one("SELECT private FROM one_time_prekeys WHERE id = ?", (prekey_id,))
@@ -291,13 +314,19 @@ class Conversations:
         self.db.execute("UPDATE contacts SET lamport = ? WHERE identity_key = ?", (lamport, key))
         return lamport
 
-    def _enqueue(self, key: bytes, app: AppMessage, record: DirectoryRecord | None) -> bytes:
+    def _enqueue(
+        self,
+        key: bytes,
+        app: AppMessage,
+        record: DirectoryRecord | None,
+        one_time_prekey: OneTimePrekey | None = None,
+    ) -> bytes:
         """Encrypt ``app`` for ``key`` and queue the envelope (inside a transaction)."""
         session = self._active_session(key)
         if session is None:
             if record is None:
                 raise NoRoute("no session and no directory record for this contact yet")
-            session = Session.initiate(self.identity, record.bundle(), self.random)
+            session = Session.initiate(self.identity, record.bundle(one_time_prekey), self.random)
             new = True
         else:
             new = False
@@ -310,13 +339,19 @@ class Conversations:
         )
         return digest
 
-    def send_text(self, key: bytes, text: str, record: DirectoryRecord | None = None) -> AppMessage:
+    def send_text(
+        self,
+        key: bytes,
+        text: str,
+        record: DirectoryRecord | None = None,
+        one_time_prekey: OneTimePrekey | None = None,
+    ) -> AppMessage:
         """Queue a text: the message row, ratchet step and envelope commit together."""
         with self.db.transaction():
             app = AppMessage.new(
                 Text(text), lamport=self._next_lamport(key), sent_at_ms=now_ms(), random=self.random
             )
-            self._enqueue(key, app, record)
+            self._enqueue(key, app, record, one_time_prekey)
             self.db.execute(
                 "INSERT INTO messages (id, contact, direction, text, lamport, sent_at, status)"
                 " VALUES (?, ?, 'out', ?, ?, ?, 'pending')",

@@ -22,7 +22,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.peerinfo import PeerInfo
 
-from pigeon.protocol import DecryptError, PigeonError, ProtocolError
+from pigeon.protocol import DecryptError, OneTimePrekey, PigeonError, ProtocolError
 from pigeon.protocol.envelope import MAX_ENVELOPE
 from pigeon.protocol.keys import verify_signature
 from pigeon.protocol.mailbox import (
@@ -123,6 +123,37 @@ class MailboxStore:
                     "DELETE FROM mailbox_items WHERE id = ? AND mailbox_id = ?", (item_id, box)
                 )
 
+    def add_prekeys(self, box: bytes, prekeys: tuple[bytes, ...]) -> int:
+        with self.db.transaction():
+            for raw in prekeys:
+                prekey = OneTimePrekey.decode(raw)
+                self.db.execute(
+                    "INSERT OR IGNORE INTO mailbox_prekeys (mailbox_id, prekey_id, prekey)"
+                    " VALUES (?, ?, ?)",
+                    (box, prekey.prekey_id, raw),
+                )
+        return self.prekeys_left(box)
+
+    def take_prekey(self, box: bytes) -> bytes:
+        """Hand out one prekey and forget it in the same transaction: never twice."""
+        with self.db.transaction():
+            row = self.db.one(
+                "SELECT prekey_id, prekey FROM mailbox_prekeys WHERE mailbox_id = ?"
+                " ORDER BY prekey_id LIMIT 1",
+                (box,),
+            )
+            if row is None:
+                return b""
+            self.db.execute(
+                "DELETE FROM mailbox_prekeys WHERE mailbox_id = ? AND prekey_id = ?", (box, row[0])
+            )
+            return bytes(row[1])
+
+    def prekeys_left(self, box: bytes) -> int:
+        return int(
+            self.db.one("SELECT count(*) FROM mailbox_prekeys WHERE mailbox_id = ?", (box,))[0]
+        )
+
     def expire(self, now: int) -> int:
         with self.db.transaction():
             cursor = self.db.execute("DELETE FROM mailbox_items WHERE expires_at <= ?", (now,))
@@ -200,13 +231,21 @@ class MailboxService:
             nonce = os.urandom(NONCE_SIZE)
             self._challenges[nonce] = (request.mailbox_id, now + self.limits.challenge_ttl)
             return Response(ok=True, nonce=nonce)
-        # FETCH and DELETE: prove the mailbox key over a fresh, single-use challenge
+        if request.op == Op.TAKE_PREKEY:
+            self._rate_limit(peer, now)
+            if self.store.owner_key(request.mailbox_id) is None:
+                raise MailboxRefused("no such mailbox here")
+            return Response(ok=True, prekey=self.store.take_prekey(request.mailbox_id))
+        # the owner's operations: prove the mailbox key over a fresh, single-use challenge
         self._check_proof(request, now)
+        box = request.mailbox_id
         if request.op == Op.FETCH:
-            items = self.store.fetch(request.mailbox_id, request.limit or MAX_ITEMS)
+            items = self.store.fetch(box, request.limit or MAX_ITEMS)
             self.stats["fetched"] += len(items)
-            return Response(ok=True, items=tuple(items))
-        self.store.delete(request.mailbox_id, request.item_ids)
+            return Response(ok=True, items=tuple(items), prekeys_left=self.store.prekeys_left(box))
+        if request.op == Op.ADD_PREKEYS:
+            return Response(ok=True, prekeys_left=self.store.add_prekeys(box, request.prekeys))
+        self.store.delete(box, request.item_ids)
         return Response(ok=True)
 
     def _check_proof(self, request: Request, now: float) -> None:
@@ -218,7 +257,12 @@ class MailboxService:
             raise DecryptError()
         verify_signature(
             key,
-            proof_message(request.op, request.mailbox_id, request.nonce, request.item_ids),
+            proof_message(
+                request.op,
+                request.mailbox_id,
+                request.nonce,
+                request.prekeys if request.op == Op.ADD_PREKEYS else request.item_ids,
+            ),
             request.signature,
         )
 

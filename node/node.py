@@ -35,6 +35,7 @@ from pigeon.protocol import (
     ContactCode,
     DeviceCertificate,
     DirectoryRecord,
+    OneTimePrekey,
     PigeonError,
     ProtocolError,
 )
@@ -64,6 +65,8 @@ ENVELOPE_PROTOCOL = TProtocol("/pigeon/envelope/1.0.0")
 PRESENCE_PROTOCOL = TProtocol("/pigeon/presence/1.0.0")
 MAX_FRAME = 2 * MAX_ENVELOPE
 MAX_BATCH = 128  # envelopes per frame
+PREKEY_REFILL_BELOW = 10  # as Signal: refill below 10, in batches of 100
+PREKEY_BATCH = 100
 MAILBOX_MAX_FAILURES = 3  # consecutive failed collections before a mailbox is replaced
 STREAM_IDLE = 2.0  # seconds a delivery stream waits for more before closing
 RECORD_LIFETIME = 24 * 3600
@@ -269,9 +272,7 @@ class Node:
         """Fetch, store and then delete what our mailboxes hold for us."""
         total = 0
         for peer_raw, addresses in self.my_mailboxes():
-            info = PeerInfo(
-                ID(peer_raw), [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in addresses]
-            )
+            info = PeerInfo(ID(peer_raw), _addrs(addresses))
             try:
                 total += await self._collect_from(info)
                 self.db.execute(
@@ -304,6 +305,7 @@ class Node:
             if not fetched.ok:
                 raise ProtocolError(f"mailbox refused our pickup: {fetched.error}")
             if not fetched.items:
+                await self._refill_prekeys(info, fetched.prekeys_left)
                 return collected
             statuses = self._accept([item.envelope for item in fetched.items], info.peer_id)
             collected += statuses.count(ACK_STORED)
@@ -319,6 +321,46 @@ class Node:
                     )
                 ],
             )
+
+    async def _take_one_time_prekey(self, record: DirectoryRecord) -> OneTimePrekey | None:
+        """Ask the contact's mailboxes for a one-time prekey; without one, X3DH
+        runs with three DHs."""
+        for entry in record.mailboxes:
+            info = PeerInfo(ID(entry.peer_id), _addrs(entry.addresses))
+            try:
+                with trio.fail_after(5):
+                    (reply,) = await mailbox_call(
+                        self.host, info, [Request(Op.TAKE_PREKEY, entry.mailbox_id)]
+                    )
+                if reply.ok and reply.prekey:
+                    prekey = OneTimePrekey.decode(reply.prekey)
+                    prekey.verify(record.identity_key)
+                    return prekey
+            except Exception as error:
+                log.info("no one-time prekey from mailbox %s: %s", info.peer_id, error)
+        return None
+
+    async def _refill_prekeys(self, info: PeerInfo, left: int) -> None:
+        if left >= PREKEY_REFILL_BELOW:
+            return
+        prekeys = self.conversations.new_one_time_prekeys(PREKEY_BATCH, info.peer_id.to_bytes())
+        encoded = tuple(p.encode() for p in prekeys)
+        box = self.mailbox_id
+        (challenge,) = await mailbox_call(self.host, info, [Request(Op.CHALLENGE, box)])
+        signature = self.mailbox_key.sign(
+            proof_message(Op.ADD_PREKEYS, box, challenge.nonce, encoded)
+        ).signature
+        (reply,) = await mailbox_call(
+            self.host,
+            info,
+            [
+                Request(
+                    Op.ADD_PREKEYS, box, nonce=challenge.nonce, signature=signature, prekeys=encoded
+                )
+            ],
+        )
+        if reply.ok:
+            log.info("left %d one-time prekeys with mailbox %s", len(encoded), info.peer_id)
 
     # -- mailboxes: serving others ----------------------------------------------------------
 
@@ -420,13 +462,21 @@ class Node:
 
     async def send_text(self, contact: Contact, text: str) -> bytes:
         record = contact.record
-        if self.conversations.needs_bundle(contact.identity_key) and record is None:
-            record = await self.refresh_record(contact.identity_key)
+        one_time_prekey = None
+        if self.conversations.needs_bundle(contact.identity_key):
+            if record is None:
+                record = await self.refresh_record(contact.identity_key)
             if record is None:
                 raise NoRoute(
                     f"cannot find {contact.label}'s directory record: is the network reachable?"
                 )
-        app = self.conversations.send_text(contact.identity_key, text, record)
+            one_time_prekey = await self._take_one_time_prekey(record)
+            log.info(
+                "starting a session with %s %s a one-time prekey",
+                contact.label,
+                "with" if one_time_prekey else "without",
+            )
+        app = self.conversations.send_text(contact.identity_key, text, record, one_time_prekey)
         self.wake_outbox(contact.identity_key)
         return app.message_id
 
@@ -525,10 +575,7 @@ class Node:
         pending = self.conversations.pending_envelopes(contact.identity_key, limit=MAX_BATCH)
         stored: set[bytes] = set()
         for entry in contact.record.mailboxes:
-            info = PeerInfo(
-                ID(entry.peer_id),
-                [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in entry.addresses],
-            )
+            info = PeerInfo(ID(entry.peer_id), _addrs(entry.addresses))
             requests = [Request(Op.DEPOSIT, entry.mailbox_id, envelope=e) for _, e in pending]
             try:
                 replies = await mailbox_call(self.host, info, requests)
@@ -656,6 +703,11 @@ class Node:
             "messages": self.db.one("SELECT count(*) FROM messages")[0],
             **self.stats,
         }
+
+
+def _addrs(addresses: list[str] | tuple[str, ...]) -> list[multiaddr.Multiaddr]:
+    """Multiaddrs to dial, without the /p2p/ suffix the peer ID already gives."""
+    return [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in addresses]
 
 
 class _Connections(INotifee):  # type: ignore[misc]

@@ -79,6 +79,13 @@ MIGRATIONS: list[str] = [
         peer_id BLOB PRIMARY KEY, addresses TEXT NOT NULL, registered_at INTEGER NOT NULL,
         failures INTEGER NOT NULL DEFAULT 0);
     """,
+    # version 3: one-time prekeys left with mailboxes
+    """
+    CREATE TABLE mailbox_prekeys (
+        mailbox_id BLOB NOT NULL, prekey_id INTEGER NOT NULL, prekey BLOB NOT NULL,
+        PRIMARY KEY (mailbox_id, prekey_id));
+    ALTER TABLE one_time_prekeys ADD COLUMN mailbox BLOB;
+    """,
 ]
 
 

@@ -31,15 +31,23 @@ class Op(IntEnum):
     CHALLENGE = 3
     FETCH = 4
     DELETE = 5
+    ADD_PREKEYS = 6  # owner-only: leave one-time prekeys to hand out
+    TAKE_PREKEY = 7  # anyone: take one one-time prekey, never handed out again
 
 
 def mailbox_id(mailbox_key: bytes) -> bytes:
     return sha256(b"pigeon/mailbox-id/v1\x00" + mailbox_key)[:MAILBOX_ID_SIZE]
 
 
-def proof_message(op: Op, box: bytes, nonce: bytes, item_ids: tuple[bytes, ...] = ()) -> bytes:
-    """What the owner signs: the operation, the mailbox, the challenge and the items."""
-    return _PROOF_CONTEXT + struct.pack(">B", op) + box + nonce + b"".join(item_ids)
+PROVEN = frozenset({Op.FETCH, Op.DELETE, Op.ADD_PREKEYS})
+MAX_PREKEYS = 100
+
+
+def proof_message(op: Op, box: bytes, nonce: bytes, items: tuple[bytes, ...] = ()) -> bytes:
+    """What the owner signs: the operation, the mailbox, the challenge, and
+    the item IDs or prekeys the request names (each length-prefixed)."""
+    named = b"".join(struct.pack(">H", len(i)) + i for i in items)
+    return _PROOF_CONTEXT + struct.pack(">B", op) + box + nonce + named
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,7 @@ class Request:
     signature: bytes = b""
     item_ids: tuple[bytes, ...] = ()
     limit: int = 0
+    prekeys: tuple[bytes, ...] = ()  # encoded OneTimePrekey messages
 
     def encode(self) -> bytes:
         return (
@@ -66,12 +75,13 @@ class Request:
             .bytes_(7, self.signature)
             .repeated_bytes(8, self.item_ids)
             .uint(9, self.limit)
+            .repeated_bytes(10, self.prekeys)
             .finish()
         )
 
     @classmethod
     def decode(cls, data: bytes, max_envelope: int) -> Request:
-        f = Fields(data, repeated=(8,))
+        f = Fields(data, repeated=(8, 10))
         try:
             op = Op(f.uint(1, default=None))
         except ValueError:
@@ -82,7 +92,7 @@ class Request:
         ids = f.repeated_bytes(8, max_count=MAX_ITEMS, max_size=ITEM_ID_SIZE)
         if any(len(i) != ITEM_ID_SIZE for i in ids):
             raise ProtocolError("item ID has the wrong size")
-        request = cls(
+        return cls(
             op=op,
             mailbox_id=box,
             envelope=f.bytes_(3, required=op == Op.DEPOSIT, max_size=max_envelope),
@@ -90,12 +100,12 @@ class Request:
             public_key=f.bytes_(
                 5, required=op == Op.REGISTER, size=32 if op == Op.REGISTER else None
             ),
-            nonce=f.bytes_(6, required=op in (Op.FETCH, Op.DELETE), max_size=NONCE_SIZE),
-            signature=f.bytes_(7, required=op in (Op.FETCH, Op.DELETE), max_size=SIGNATURE_SIZE),
+            nonce=f.bytes_(6, required=op in PROVEN, max_size=NONCE_SIZE),
+            signature=f.bytes_(7, required=op in PROVEN, max_size=SIGNATURE_SIZE),
             item_ids=tuple(ids),
             limit=f.uint(9, maximum=MAX_ITEMS),
+            prekeys=tuple(f.repeated_bytes(10, max_count=MAX_PREKEYS, max_size=128)),
         )
-        return request
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,8 @@ class Response:
     nonce: bytes = b""
     items: tuple[Item, ...] = field(default_factory=tuple)
     item_id: bytes = b""
+    prekey: bytes = b""  # an encoded OneTimePrekey, or empty when none is left
+    prekeys_left: int = 0
 
     def encode(self) -> bytes:
         w = (
@@ -120,6 +132,8 @@ class Response:
             .text(2, self.error)
             .bytes_(3, self.nonce)
             .bytes_(5, self.item_id)
+            .bytes_(6, self.prekey)
+            .uint(7, self.prekeys_left)
         )
         w.repeated_bytes(
             4,
@@ -149,4 +163,6 @@ class Response:
             nonce=f.bytes_(3, required=False, max_size=NONCE_SIZE),
             items=tuple(items),
             item_id=f.bytes_(5, required=False, max_size=ITEM_ID_SIZE),
+            prekey=f.bytes_(6, required=False, max_size=128),
+            prekeys_left=f.uint(7, maximum=0xFFFFFFFF),
         )

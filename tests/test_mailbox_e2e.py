@@ -62,7 +62,7 @@ def test_offline_delivery_survives_a_mailbox_killed_midway(net):
     alice.cli("contacts", "add", bob.id()["contact_code"], "--as", "bob")
     bob.cli("contacts", "add", alice.id()["contact_code"], "--as", "alice")
     wait_for(lambda: len(status(bob)["mailboxes"]) == 3, timeout=60)
-    time.sleep(2)  # Bob's record with his mailboxes is published
+    time.sleep(3)  # Bob's record with his mailboxes is published, prekeys left with them
     bob.stop()
 
     client = Client(alice.home)
@@ -89,6 +89,8 @@ def test_offline_delivery_survives_a_mailbox_killed_midway(net):
         timeout=120,
     )
     assert victim is not None and not victim.alive()
+    # the session started with a one-time prekey that one of Bob's mailboxes handed out
+    assert "starting a session with bob with a one-time prekey" in alice.log.read_text()
 
 
 def assert_mailbox_learned_nothing(box: Daemon, sender: dict, plaintext: str) -> None:

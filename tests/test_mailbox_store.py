@@ -150,3 +150,62 @@ def _shared_service(factory: pytest.TempPathFactory) -> MailboxService:
         db = Database.create(factory.mktemp("fuzzbox") / "box", "pw", fast_kdf=True)
         _SERVICES.append(MailboxService(MailboxStore(db, LIMITS), LIMITS))
     return _SERVICES[0]
+
+
+def add_prekeys(service: MailboxService, key: SigningKey, box: bytes, count: int) -> int:
+    from pigeon.protocol import IdentityKeyPair, OneTimePrekey
+
+    identity = IdentityKeyPair.generate(os.urandom)
+    prekeys = tuple(
+        OneTimePrekey.create(identity, i, os.urandom)[0].encode() for i in range(1, count + 1)
+    )
+    nonce = ask(service, Request(Op.CHALLENGE, box)).nonce
+    signature = key.sign(proof_message(Op.ADD_PREKEYS, box, nonce, prekeys)).signature
+    reply = ask(
+        service, Request(Op.ADD_PREKEYS, box, nonce=nonce, signature=signature, prekeys=prekeys)
+    )
+    assert reply.ok
+    return reply.prekeys_left
+
+
+def test_one_time_prekeys_are_handed_out_once(service):
+    key, box = register(service)
+    assert add_prekeys(service, key, box, 5) == 5
+    taken = [ask(service, Request(Op.TAKE_PREKEY, box), peer=f"s{i}").prekey for i in range(7)]
+    handed = [p for p in taken if p]
+    assert len(handed) == 5 and len(set(handed)) == 5
+    assert taken[5:] == [b"", b""]  # none left: the sender falls back to three DHs
+
+
+def test_two_senders_racing_for_the_last_prekey(tmp_path: Path):
+    """Two connections to one mailbox daemon's store, as two trio tasks."""
+    import trio
+
+    db = Database.create(tmp_path / "race", "pw", fast_kdf=True)
+    service = MailboxService(MailboxStore(db, LIMITS), LIMITS)
+    key, box = register(service)
+    add_prekeys(service, key, box, 1)
+    got: list[bytes] = []
+
+    async def sender(name: str) -> None:
+        await trio.sleep(0)
+        got.append(ask(service, Request(Op.TAKE_PREKEY, box), peer=name).prekey)
+
+    async def race() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender, "alice")
+            nursery.start_soon(sender, "carol")
+
+    trio.run(race)
+    assert sorted(bool(p) for p in got) == [False, True]
+
+
+def test_only_the_owner_adds_prekeys(service):
+    _, box = register(service)
+    stranger = SigningKey(os.urandom(32))
+    nonce = ask(service, Request(Op.CHALLENGE, box)).nonce
+    signature = stranger.sign(proof_message(Op.ADD_PREKEYS, box, nonce, (b"x",))).signature
+    reply = ask(
+        service, Request(Op.ADD_PREKEYS, box, nonce=nonce, signature=signature, prekeys=(b"x",))
+    )
+    assert not reply.ok and reply.error == "proof refused"
