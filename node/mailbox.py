@@ -286,17 +286,18 @@ class MailboxService:
 
 
 async def call(host: IHost, peer: PeerInfo, requests: list[Request]) -> list[Response]:
-    """Send requests to a mailbox on one stream; responses in order."""
+    """Send requests to a mailbox on one stream, pipelined; responses in order."""
     with trio.fail_after(20):
         if peer.addrs:
             await host.connect(peer)
         stream = await host.new_stream(peer.peer_id, [MAILBOX_PROTOCOL])
     try:
-        responses = []
-        for request in requests:
-            await stream.write(frame(request.encode()))
-            responses.append(Response.decode(await read_frame(stream, MAX_RESPONSE), MAX_ENVELOPE))
-        return responses
+        with trio.fail_after(20 + len(requests) / 10):
+            await stream.write(b"".join(frame(request.encode()) for request in requests))
+            return [
+                Response.decode(await read_frame(stream, MAX_RESPONSE), MAX_ENVELOPE)
+                for _ in requests
+            ]
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await stream.close()
