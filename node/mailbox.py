@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -43,6 +44,7 @@ from .storage import Database
 log = logging.getLogger("pigeon.mailbox")
 
 MAILBOX_PROTOCOL = TProtocol("/pigeon/mailbox/1.0.0")
+NOTIFY_PROTOCOL = TProtocol("/pigeon/mailbox-notify/1.0.0")
 # Mailbox peers announce themselves as providers of this DHT key (a sha2-256
 # multihash, hex, of "pigeon/mailboxes/v1").
 PROVIDER_KEY = "1220" + hashlib.sha256(b"pigeon/mailboxes/v1").hexdigest()
@@ -177,6 +179,9 @@ class MailboxService:
         self.limits = limits
         self._challenges: dict[bytes, tuple[bytes, float]] = {}
         self._deposits: dict[object, collections.deque[float]] = {}
+        # mailbox -> the peer that last proved it owns it: pushed to on deposits
+        self.owners_seen: dict[bytes, object] = {}
+        self.on_deposit: Callable[[bytes, object], None] | None = None
         self.stats = {"deposits": 0, "refused": 0, "fetched": 0}
 
     async def handle(self, stream: INetStream) -> None:
@@ -225,6 +230,9 @@ class MailboxService:
                 request.mailbox_id, request.envelope, request.ttl_s, int(now)
             )
             self.stats["deposits"] += 1
+            owner = self.owners_seen.get(request.mailbox_id)
+            if owner is not None and self.on_deposit is not None:
+                self.on_deposit(request.mailbox_id, owner)
             return Response(ok=True, item_id=item_id)
         if request.op == Op.CHALLENGE:
             self._forget_old_challenges(now)
@@ -239,6 +247,7 @@ class MailboxService:
         # the owner's operations: prove the mailbox key over a fresh, single-use challenge
         self._check_proof(request, now)
         box = request.mailbox_id
+        self.owners_seen[box] = peer
         if request.op == Op.FETCH:
             items = self.store.fetch(box, request.limit or MAX_ITEMS)
             self.stats["fetched"] += len(items)

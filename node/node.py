@@ -51,6 +51,7 @@ from .framing import StreamClosed, frame, read_frame
 from .host import build_host, close_host
 from .mailbox import (
     MAILBOX_PROTOCOL,
+    NOTIFY_PROTOCOL,
     PROVIDER_KEY,
     MailboxLimits,
     MailboxService,
@@ -109,6 +110,7 @@ class Node:
             self.mailbox_service = MailboxService(store, config.mailbox_limits)
         self._collect_now = trio.Event()
         self._republish = trio.Event()
+        self._pushing: dict[Any, float] = {}
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -121,8 +123,10 @@ class Node:
             stack.push_async_callback(close_host, self.host)
             self.host.set_stream_handler(ENVELOPE_PROTOCOL, self._handle_envelopes)
             self.host.set_stream_handler(PRESENCE_PROTOCOL, self._handle_presence)
+            self.host.set_stream_handler(NOTIFY_PROTOCOL, self._handle_notify)
             if self.mailbox_service is not None:
                 self.host.set_stream_handler(MAILBOX_PROTOCOL, self.mailbox_service.handle)
+                self.mailbox_service.on_deposit = self._notify_owner
             nursery = await stack.enter_async_context(trio.open_nursery())
             self._nursery = nursery
             self.host.get_network().register_notifee(_Connections(self))
@@ -225,7 +229,10 @@ class Node:
                 await self.collect_mailboxes()
             except Exception as error:
                 log.warning("mailbox upkeep failed: %s", error)
-            with trio.move_on_after(self.config.mailbox_interval):
+            wait = self.config.mailbox_interval
+            if len(self.my_mailboxes()) < self.config.mailbox_count:
+                wait = min(wait, 5.0)  # still looking for mailboxes
+            with trio.move_on_after(wait):
                 await self._collect_now.wait()
             self._collect_now = trio.Event()
 
@@ -322,6 +329,37 @@ class Node:
                 ],
             )
 
+    def _notify_owner(self, box: bytes, peer: Any) -> None:
+        """As a mailbox: tell a connected owner that something arrived for it."""
+        if self._pushing.get(peer, 0.0) > time.monotonic() - 0.2:
+            return  # a push is already on its way; the owner collects everything
+        self._pushing[peer] = time.monotonic()
+        if self.host.get_network().get_connections(peer):
+            self.spawn(self._push_notice, peer, box)
+
+    async def _push_notice(self, peer: ID, box: bytes) -> None:
+        try:
+            with trio.fail_after(5):
+                stream = await self.host.new_stream(peer, [NOTIFY_PROTOCOL])
+                await stream.write(frame(Writer().bytes_(1, box).finish()))
+                await stream.close()
+        except Exception as error:
+            log.debug("mailbox push to %s failed: %s", peer, error)
+
+    async def _handle_notify(self, stream: INetStream) -> None:
+        """As an owner: a mailbox says something arrived; collect now."""
+        peer = stream.muxed_conn.peer_id
+        try:
+            box = Fields(await read_frame(stream, 64, timeout=5)).bytes_(1, size=16)
+            mine = peer.to_bytes() in {p for p, _ in self.my_mailboxes()}
+            if box == self.mailbox_id and mine:
+                self._collect_now.set()
+        except Exception as error:
+            log.info("peer=%s sent a bad mailbox notice: %s", peer, type(error).__name__)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await stream.close()
+
     async def _take_one_time_prekey(self, record: DirectoryRecord) -> OneTimePrekey | None:
         """Ask the contact's mailboxes for a one-time prekey; without one, X3DH
         runs with three DHs."""
@@ -412,6 +450,8 @@ class Node:
 
     async def peer_connected(self, peer: ID) -> None:
         """A contact's device is reachable: retry its queue now, and say hello."""
+        if peer.to_bytes() in {p for p, _ in self.my_mailboxes()}:
+            self._collect_now.set()  # reconnected to one of our mailboxes
         key = self.contact_for_peer(peer)
         if key is None:
             return

@@ -20,7 +20,7 @@ from pigeon.node.framing import frame
 from pigeon.node.host import build_host, close_host
 from pigeon.node.mailbox import MAILBOX_PROTOCOL, call
 from pigeon.node.storage import Database
-from pigeon.protocol.mailbox import Op, Request, proof_message
+from pigeon.protocol.mailbox import Op, Request, mailbox_id, proof_message
 from pigeon.protocol.wire import encode_varint
 
 pytestmark = pytest.mark.slow
@@ -200,3 +200,41 @@ def test_garbage_on_the_mailbox_protocol(net):
         trio.run(send, data)
         assert box.alive() and box.cli("status").returncode == 0
     wait_for(lambda: "bad mailbox frame" in box.log.read_text(), timeout=5)
+
+
+def test_a_connected_owner_gets_a_push(tmp_path: Path):
+    boot = Daemon(tmp_path, "boot").start()
+    nodes = [boot]
+    try:
+        box = Daemon(tmp_path, "box", [boot.address], BOX).start()
+        nodes.append(box)
+        bob = Daemon(
+            tmp_path, "bob", [boot.address], ["--mailbox-interval", "300", "--mailboxes", "1"]
+        ).start()
+        nodes.append(bob)
+        wait_for(lambda: len(status(bob)["mailboxes"]) == 1, timeout=60)
+        db = Database.open(bob.home, PASSPHRASE)
+        seed = db.get_meta("mailbox_seed")
+        db.close()
+        assert seed is not None
+        mailbox = mailbox_id(bytes(SigningKey(seed).verify_key))
+        time.sleep(2)  # Bob's first collection proves his ownership to the mailbox
+
+        async def deposit() -> None:
+            host = build_host(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"])
+            async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+                try:
+                    info = info_from_p2p_addr(multiaddr.Multiaddr(box.address))
+                    (reply,) = await call(
+                        host, info, [Request(Op.DEPOSIT, mailbox, envelope=b"x" * 400)]
+                    )
+                    assert reply.ok
+                finally:
+                    await close_host(host)
+
+        trio.run(deposit)
+        # Bob collects within seconds, not at his next 300-second round
+        wait_for(lambda: status(box)["mailbox_fetched"] >= 1, timeout=15)
+    finally:
+        for node in reversed(nodes):
+            node.stop()

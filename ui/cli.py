@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
         "--mailbox", action="store_true", help="also serve as a mailbox peer for others"
     )
     daemon.add_argument(
+        "--mailboxes",
+        type=int,
+        default=3,
+        metavar="K",
+        help="how many mailbox peers hold your messages while you are offline (default 3)",
+    )
+    daemon.add_argument(
         "--mailbox-rate-limit",
         type=int,
         default=60,
@@ -208,6 +215,7 @@ def cmd_daemon(home: Path, args: argparse.Namespace) -> int:
         announce_presence=not args.no_presence,
         serve_mailbox=args.mailbox,
         mailbox_interval=args.mailbox_interval,
+        mailbox_count=args.mailboxes,
         mailbox_limits=MailboxLimits(deposits_per_minute=args.mailbox_rate_limit),
     )
     if args.listen:
