@@ -143,6 +143,7 @@ class Database:
         db_file.chmod(0o600)
         connection.execute("PRAGMA journal_mode = WAL")
         connection.execute("PRAGMA synchronous = FULL")
+        connection.execute("PRAGMA secure_delete = ON")  # deleted rows are overwritten
         connection.execute("PRAGMA foreign_keys = ON")
         db = cls(connection, db_file)
         db._migrate()

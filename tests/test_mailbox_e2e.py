@@ -89,8 +89,19 @@ def test_offline_delivery_survives_a_mailbox_killed_midway(net):
         timeout=120,
     )
     assert victim is not None and not victim.alive()
+    # Bob replaces the mailbox that stays unreachable with a fourth one
+    spare = Daemon(victim.home.parent, "box3", [net["boot"].address], BOX).start()
+    net["box3"] = spare
+    wait_for(
+        lambda: len(status(bob)["mailboxes"]) == 3 and _peer_of(spare) in status(bob)["mailboxes"],
+        timeout=90,
+    )
     # the session started with a one-time prekey that one of Bob's mailboxes handed out
     assert "starting a session with bob with a one-time prekey" in alice.log.read_text()
+
+
+def _peer_of(daemon: Daemon) -> str:
+    return str(daemon.id()["peer_id"])
 
 
 def assert_mailbox_learned_nothing(box: Daemon, sender: dict, plaintext: str) -> None:
