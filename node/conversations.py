@@ -546,6 +546,7 @@ class Conversations:
                     "from": self.identity.identity_id.hex() if row[8] == "out" else row[3],
                     "from_name": self.name if row[8] == "out" else row[4],
                     "to": row[3] if row[8] == "out" else self.identity.identity_id.hex(),
+                    "contact_name": row[4],
                     "text": row[5],
                     "sent_at": row[6] / 1000,
                     "received_at": None if row[7] is None else row[7] / 1000,

@@ -135,7 +135,7 @@ def _print_message(message: dict[str, Any], as_json: bool) -> None:
         return
     stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(message["sent_at"])))
     arrow = "->" if message["direction"] == "out" else "<-"
-    who = message["from_name"]
+    who = message.get("contact_name", message["from_name"])
     status = f"  [{message['status']}]" if message["direction"] == "out" else ""
     print(f"{stamp} {arrow} {who}: {message['text']}{status}", flush=True)
 
