@@ -421,13 +421,6 @@ class Conversations:
                 self._enqueue_receipt(sender, ReceiptType.DELIVERED, ids)
         return results
 
-    def accept_envelope(self, envelope: bytes) -> Delivered:
-        """One envelope; raises its error instead of returning it."""
-        result = self.accept_envelopes([envelope])[0]
-        if isinstance(result, PigeonError):
-            raise result
-        return result
-
     def _accept(self, envelope: bytes) -> Delivered:
         digest = sha256(envelope)
         if self.db.one("SELECT 1 FROM received_envelopes WHERE digest = ?", (digest,)):

@@ -26,10 +26,6 @@ def identity_id(public_key: bytes) -> bytes:
     return sha256(b"pigeon/identity/v1\x00" + public_key)[:IDENTITY_ID_SIZE]
 
 
-def identity_id_hex(public_key: bytes) -> str:
-    return identity_id(public_key).hex()
-
-
 def ed25519_to_x25519_public(public_key: bytes) -> bytes:
     """Convert a peer's Ed25519 key; a key that is not a valid point is refused."""
     if len(public_key) != IDENTITY_KEY_SIZE:
