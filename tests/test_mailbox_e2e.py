@@ -249,3 +249,65 @@ def test_a_connected_owner_gets_a_push(tmp_path: Path):
     finally:
         for node in reversed(nodes):
             node.stop()
+
+
+def test_two_senders_racing_for_the_last_one_time_prekey(tmp_path: Path):
+    from pigeon.protocol import IdentityKeyPair, OneTimePrekey
+
+    box = Daemon(tmp_path, "box", [], BOX).start()
+    owner, identity = SigningKey(os.urandom(32)), IdentityKeyPair.generate(os.urandom)
+    rounds, winners = 10, []
+
+    async def scenario() -> None:
+        hosts = [build_host(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"]) for _ in range(3)]
+        listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+        async with (
+            hosts[0].run(listen_addrs=listen),
+            hosts[1].run(listen_addrs=listen),
+            hosts[2].run(listen_addrs=listen),
+        ):
+            try:
+                info = info_from_p2p_addr(multiaddr.Multiaddr(box.address))
+                (reply,) = await call(
+                    hosts[0], info, [Request(Op.REGISTER, public_key=bytes(owner.verify_key))]
+                )
+                mailbox = reply.item_id
+                for n in range(1, rounds + 1):
+                    prekey = OneTimePrekey.create(identity, n, os.urandom)[0].encode()
+                    (challenge,) = await call(hosts[0], info, [Request(Op.CHALLENGE, mailbox)])
+                    signature = owner.sign(
+                        proof_message(Op.ADD_PREKEYS, mailbox, challenge.nonce, (prekey,))
+                    ).signature
+                    (added,) = await call(
+                        hosts[0],
+                        info,
+                        [
+                            Request(
+                                Op.ADD_PREKEYS,
+                                mailbox,
+                                nonce=challenge.nonce,
+                                signature=signature,
+                                prekeys=(prekey,),
+                            )
+                        ],
+                    )
+                    assert added.ok and added.prekeys_left == 1
+                    got: list[bytes] = []
+
+                    async def take(host: object, into: list[bytes]) -> None:
+                        (r,) = await call(host, info, [Request(Op.TAKE_PREKEY, mailbox)])
+                        into.append(r.prekey)
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(take, hosts[1], got)
+                        nursery.start_soon(take, hosts[2], got)
+                    winners.append(sum(1 for p in got if p))
+            finally:
+                for host in hosts:
+                    await close_host(host)
+
+    try:
+        trio.run(scenario)
+    finally:
+        box.stop()
+    assert winners == [1] * rounds  # never both, never neither
