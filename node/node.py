@@ -1,5 +1,7 @@
 """The running node: a libp2p host, the DHT directory, direct delivery of
-sealed envelopes, and the conversations database, wired together on trio.
+sealed envelopes, presence, mailboxes (as owner and, with ``--mailbox``, as
+server) and the conversations database, wired together on trio.  The wire
+protocols are in docs/protocol/delivery.md and docs/protocol/mailbox.md.
 
 Delivery protocol ``/pigeon/envelope/1.0.0`` (docs/protocol/delivery.md): the
 sender writes frames ``Deliver {1: envelope (repeated)}``; the receiver
