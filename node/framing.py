@@ -1,4 +1,5 @@
-"""Length-prefixed frames on libp2p streams, with a size limit and deadline."""
+"""Length-prefixed frames on libp2p streams, with a size limit and deadline,
+and the delivery acknowledgement statuses."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pigeon.protocol import ProtocolError
 from pigeon.protocol.wire import encode_varint
 
 FRAME_TIMEOUT = 30.0
+# What the receiver of a Deliver frame says about each envelope in it.
+ACK_STORED, ACK_DUPLICATE, ACK_REFUSED = 0, 1, 2
 
 
 class StreamClosed(Exception):

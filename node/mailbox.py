@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import multiaddr
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
@@ -292,6 +293,11 @@ class MailboxService:
                 " retry later"
             )
         window.append(now)
+
+
+def addrs(addresses: list[str] | tuple[str, ...]) -> list[multiaddr.Multiaddr]:
+    """Multiaddrs to dial, without the /p2p/ suffix the peer ID already gives."""
+    return [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in addresses]
 
 
 async def call(host: IHost, peer: PeerInfo, requests: list[Request]) -> list[Response]:

@@ -13,7 +13,6 @@ until acknowledged and retries with backoff.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -31,7 +30,6 @@ from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
-from nacl.signing import SigningKey
 
 from pigeon.protocol import (
     ContactCode,
@@ -43,13 +41,13 @@ from pigeon.protocol import (
 )
 from pigeon.protocol.crypto import sha256
 from pigeon.protocol.envelope import MAX_ENVELOPE
-from pigeon.protocol.mailbox import Op, Request, mailbox_id, proof_message
+from pigeon.protocol.mailbox import Op, Request
 from pigeon.protocol.records import Device, MailboxEntry
 from pigeon.protocol.wire import Fields, Writer
 
 from . import directory
 from .conversations import Contact, Conversations, NoRoute
-from .framing import StreamClosed, frame, read_frame
+from .framing import ACK_DUPLICATE, ACK_REFUSED, ACK_STORED, StreamClosed, frame, read_frame
 from .host import build_host, close_host
 from .mailbox import (
     MAILBOX_PROTOCOL,
@@ -58,8 +56,10 @@ from .mailbox import (
     MailboxLimits,
     MailboxService,
     MailboxStore,
+    addrs,
 )
 from .mailbox import call as mailbox_call
+from .mailbox_owner import MailboxOwner
 from .storage import Database
 
 log = logging.getLogger("pigeon.node")
@@ -68,13 +68,9 @@ ENVELOPE_PROTOCOL = TProtocol("/pigeon/envelope/1.0.0")
 PRESENCE_PROTOCOL = TProtocol("/pigeon/presence/1.0.0")
 MAX_FRAME = 2 * MAX_ENVELOPE
 MAX_BATCH = 128  # envelopes per frame
-PREKEY_REFILL_BELOW = 10  # as Signal: refill below 10, in batches of 100
-PREKEY_BATCH = 100
-MAILBOX_MAX_FAILURES = 3  # consecutive failed collections before a mailbox is replaced
 STREAM_IDLE = 2.0  # seconds a delivery stream waits for more before closing
 RECORD_LIFETIME = 24 * 3600
 REPUBLISH_EVERY = 30 * 60
-ACK_STORED, ACK_DUPLICATE, ACK_REFUSED = 0, 1, 2
 
 
 @dataclass
@@ -110,7 +106,7 @@ class Node:
         if config.serve_mailbox:
             store = MailboxStore(db, config.mailbox_limits)
             self.mailbox_service = MailboxService(store, config.mailbox_limits)
-        self._collect_now = trio.Event()
+        self.owner = MailboxOwner(self)
         self._republish = trio.Event()
         self._pushing: dict[Any, float] = {}
 
@@ -125,7 +121,7 @@ class Node:
             stack.push_async_callback(close_host, self.host)
             self.host.set_stream_handler(ENVELOPE_PROTOCOL, self._handle_envelopes)
             self.host.set_stream_handler(PRESENCE_PROTOCOL, self._handle_presence)
-            self.host.set_stream_handler(NOTIFY_PROTOCOL, self._handle_notify)
+            self.host.set_stream_handler(NOTIFY_PROTOCOL, self.owner.handle_notify)
             if self.mailbox_service is not None:
                 self.host.set_stream_handler(MAILBOX_PROTOCOL, self.mailbox_service.handle)
                 self.mailbox_service.on_deposit = self._notify_owner
@@ -135,7 +131,7 @@ class Node:
             await self._bootstrap()
             nursery.start_soon(self._publish_loop)
             nursery.start_soon(self._outbox_loop)
-            nursery.start_soon(self._mailbox_owner_loop)
+            nursery.start_soon(self.owner.run)
             if self.mailbox_service is not None:
                 nursery.start_soon(self._mailbox_service_loop)
             try:
@@ -178,8 +174,8 @@ class Node:
             signed_prekey=conv.current_signed_prekey(),
             devices=(Device(cert, tuple(self.addresses)),),
             mailboxes=tuple(
-                MailboxEntry(peer_id, self.mailbox_id, tuple(addresses))
-                for peer_id, addresses in self.my_mailboxes()
+                MailboxEntry(peer_id, self.owner.mailbox_id, tuple(addresses))
+                for peer_id, addresses in self.owner.my_mailboxes()
             ),
         )
         return record.sign(conv.identity)
@@ -198,139 +194,6 @@ class Node:
         except Exception as error:
             log.warning("publishing the directory record failed: %s", error)
 
-    # -- mailboxes: our own (as a recipient) ----------------------------------------------
-
-    @property
-    def mailbox_key(self) -> SigningKey:
-        seed = self.db.get_meta("mailbox_seed")
-        if seed is None:
-            seed = os.urandom(32)
-            with self.db.transaction():
-                self.db.set_meta("mailbox_seed", seed)
-        return SigningKey(seed)
-
-    @property
-    def mailbox_id(self) -> bytes:
-        return mailbox_id(bytes(self.mailbox_key.verify_key))
-
-    def my_mailboxes(self) -> list[tuple[bytes, list[str]]]:
-        return [
-            (bytes(r[0]), list(json.loads(r[1])))
-            for r in self.db.all(
-                "SELECT peer_id, addresses FROM my_mailboxes ORDER BY registered_at"
-            )
-        ]
-
-    async def _mailbox_owner_loop(self) -> None:
-        """Keep k mailboxes registered, and collect from them: at start-up,
-        on every interval, and when asked."""
-        while True:
-            try:
-                if await self._ensure_mailboxes():
-                    self._republish.set()
-                await self.collect_mailboxes()
-            except Exception as error:
-                log.warning("mailbox upkeep failed: %s", error)
-            wait = self.config.mailbox_interval
-            if len(self.my_mailboxes()) < self.config.mailbox_count:
-                wait = min(wait, 5.0)  # still looking for mailboxes
-            with trio.move_on_after(wait):
-                await self._collect_now.wait()
-            self._collect_now = trio.Event()
-
-    async def _ensure_mailboxes(self) -> bool:
-        have = {peer for peer, _ in self.my_mailboxes()}
-        if len(have) >= self.config.mailbox_count:
-            return False
-        changed = False
-        with trio.move_on_after(20):
-            providers = await self.dht.find_providers(PROVIDER_KEY, 20)
-            seen = set()
-            for info in providers:
-                raw = info.peer_id.to_bytes()
-                if raw in have or raw in seen or info.peer_id == self.host.get_id():
-                    continue
-                seen.add(raw)
-                if len(have) >= self.config.mailbox_count:
-                    break
-                try:
-                    (reply,) = await mailbox_call(
-                        self.host,
-                        info,
-                        [Request(Op.REGISTER, public_key=bytes(self.mailbox_key.verify_key))],
-                    )
-                except Exception as error:
-                    log.info("mailbox %s did not answer: %s", info.peer_id, error)
-                    continue
-                if not reply.ok:
-                    log.info("mailbox %s refused us: %s", info.peer_id, reply.error)
-                    continue
-                addresses = [f"{a}/p2p/{info.peer_id}" for a in info.addrs]
-                with self.db.transaction():
-                    self.db.execute(
-                        "INSERT OR REPLACE INTO my_mailboxes (peer_id, addresses, registered_at)"
-                        " VALUES (?, ?, ?)",
-                        (raw, json.dumps(addresses), int(time.time())),
-                    )
-                have.add(raw)
-                changed = True
-                log.info("registered with mailbox %s", info.peer_id)
-        return changed
-
-    async def collect_mailboxes(self) -> int:
-        """Fetch, store and then delete what our mailboxes hold for us."""
-        total = 0
-        for peer_raw, addresses in self.my_mailboxes():
-            info = PeerInfo(ID(peer_raw), _addrs(addresses))
-            try:
-                total += await self._collect_from(info)
-                self.db.execute(
-                    "UPDATE my_mailboxes SET failures = 0 WHERE peer_id = ?", (peer_raw,)
-                )
-            except Exception as error:
-                log.info("collecting from mailbox %s failed: %s", info.peer_id, error)
-                self.db.execute(
-                    "UPDATE my_mailboxes SET failures = failures + 1 WHERE peer_id = ?", (peer_raw,)
-                )
-                row = self.db.one(
-                    "SELECT failures FROM my_mailboxes WHERE peer_id = ?", (peer_raw,)
-                )
-                if row is not None and row[0] >= MAILBOX_MAX_FAILURES:
-                    log.warning("mailbox %s stays unreachable: replacing it", info.peer_id)
-                    self.db.execute("DELETE FROM my_mailboxes WHERE peer_id = ?", (peer_raw,))
-                    self._collect_now.set()
-        return total
-
-    async def _collect_from(self, info: PeerInfo) -> int:
-        box, key = self.mailbox_id, self.mailbox_key
-        collected = 0
-        while True:
-            (challenge,) = await mailbox_call(self.host, info, [Request(Op.CHALLENGE, box)])
-            nonce = challenge.nonce
-            signature = key.sign(proof_message(Op.FETCH, box, nonce)).signature
-            (fetched,) = await mailbox_call(
-                self.host, info, [Request(Op.FETCH, box, nonce=nonce, signature=signature)]
-            )
-            if not fetched.ok:
-                raise ProtocolError(f"mailbox refused our pickup: {fetched.error}")
-            if not fetched.items:
-                await self._refill_prekeys(info, fetched.prekeys_left)
-                return collected
-            statuses = self._accept([item.envelope for item in fetched.items], info.peer_id)
-            collected += statuses.count(ACK_STORED)
-            done = tuple(item.item_id for item in fetched.items)
-            (challenge,) = await mailbox_call(self.host, info, [Request(Op.CHALLENGE, box)])
-            signature = key.sign(proof_message(Op.DELETE, box, challenge.nonce, done)).signature
-            await mailbox_call(
-                self.host,
-                info,
-                [
-                    Request(
-                        Op.DELETE, box, nonce=challenge.nonce, signature=signature, item_ids=done
-                    )
-                ],
-            )
-
     def _notify_owner(self, box: bytes, peer: Any) -> None:
         """As a mailbox: tell a connected owner that something arrived for it."""
         if self._pushing.get(peer, 0.0) > time.monotonic() - 0.2:
@@ -348,25 +211,11 @@ class Node:
         except Exception as error:
             log.debug("mailbox push to %s failed: %s", peer, error)
 
-    async def _handle_notify(self, stream: INetStream) -> None:
-        """As an owner: a mailbox says something arrived; collect now."""
-        peer = stream.muxed_conn.peer_id
-        try:
-            box = Fields(await read_frame(stream, 64, timeout=5)).bytes_(1, size=16)
-            mine = peer.to_bytes() in {p for p, _ in self.my_mailboxes()}
-            if box == self.mailbox_id and mine:
-                self._collect_now.set()
-        except Exception as error:
-            log.info("peer=%s sent a bad mailbox notice: %s", peer, type(error).__name__)
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await stream.close()
-
     async def _take_one_time_prekey(self, record: DirectoryRecord) -> OneTimePrekey | None:
         """Ask the contact's mailboxes for a one-time prekey; without one, X3DH
         runs with three DHs."""
         for entry in record.mailboxes:
-            info = PeerInfo(ID(entry.peer_id), _addrs(entry.addresses))
+            info = PeerInfo(ID(entry.peer_id), addrs(entry.addresses))
             try:
                 with trio.fail_after(5):
                     (reply,) = await mailbox_call(
@@ -379,28 +228,6 @@ class Node:
             except Exception as error:
                 log.info("no one-time prekey from mailbox %s: %s", info.peer_id, error)
         return None
-
-    async def _refill_prekeys(self, info: PeerInfo, left: int) -> None:
-        if left >= PREKEY_REFILL_BELOW:
-            return
-        prekeys = self.conversations.new_one_time_prekeys(PREKEY_BATCH, info.peer_id.to_bytes())
-        encoded = tuple(p.encode() for p in prekeys)
-        box = self.mailbox_id
-        (challenge,) = await mailbox_call(self.host, info, [Request(Op.CHALLENGE, box)])
-        signature = self.mailbox_key.sign(
-            proof_message(Op.ADD_PREKEYS, box, challenge.nonce, encoded)
-        ).signature
-        (reply,) = await mailbox_call(
-            self.host,
-            info,
-            [
-                Request(
-                    Op.ADD_PREKEYS, box, nonce=challenge.nonce, signature=signature, prekeys=encoded
-                )
-            ],
-        )
-        if reply.ok:
-            log.info("left %d one-time prekeys with mailbox %s", len(encoded), info.peer_id)
 
     # -- mailboxes: serving others ----------------------------------------------------------
 
@@ -452,8 +279,8 @@ class Node:
 
     async def peer_connected(self, peer: ID) -> None:
         """A contact's device is reachable: retry its queue now, and say hello."""
-        if peer.to_bytes() in {p for p, _ in self.my_mailboxes()}:
-            self._collect_now.set()  # reconnected to one of our mailboxes
+        if self.owner.is_mailbox(peer):
+            self.owner.collect_now.set()  # reconnected to one of our mailboxes
         key = self.contact_for_peer(peer)
         if key is None:
             return
@@ -617,7 +444,7 @@ class Node:
         pending = self.conversations.pending_envelopes(contact.identity_key, limit=MAX_BATCH)
         stored: set[bytes] = set()
         for entry in contact.record.mailboxes:
-            info = PeerInfo(ID(entry.peer_id), _addrs(entry.addresses))
+            info = PeerInfo(ID(entry.peer_id), addrs(entry.addresses))
             requests = [Request(Op.DEPOSIT, entry.mailbox_id, envelope=e) for _, e in pending]
             try:
                 replies = await mailbox_call(self.host, info, requests)
@@ -679,7 +506,7 @@ class Node:
                 envelopes = Fields(data, repeated=(1,)).repeated_bytes(
                     1, max_count=MAX_BATCH, max_size=MAX_ENVELOPE
                 )
-                statuses = self._accept(envelopes, peer)
+                statuses = self.accept(envelopes, peer)
                 self.spawn(self.greet, peer)
                 ack = Writer().repeated_bytes(
                     1,
@@ -699,7 +526,11 @@ class Node:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await stream.close()
 
-    def _accept(self, envelopes: list[bytes], peer: object) -> list[int]:
+    def republish(self) -> None:
+        self._republish.set()
+
+    def accept(self, envelopes: list[bytes], peer: object) -> list[int]:
+        """Store envelopes that arrived directly or from our mailboxes."""
         statuses = []
         for result in self.conversations.accept_envelopes(envelopes):
             if isinstance(result, PigeonError):
@@ -733,7 +564,7 @@ class Node:
             "connections": len(self.host.get_network().connections),
             "dht_peers": self.dht.get_routing_table_size(),
             "outbox": self.db.one("SELECT count(*) FROM outbox")[0],
-            "mailboxes": [ID(peer).pretty() for peer, _ in self.my_mailboxes()],
+            "mailboxes": [ID(peer).pretty() for peer, _ in self.owner.my_mailboxes()],
             **(
                 {
                     "mailbox_serving": self.mailbox_service.store.usage(),
@@ -745,11 +576,6 @@ class Node:
             "messages": self.db.one("SELECT count(*) FROM messages")[0],
             **self.stats,
         }
-
-
-def _addrs(addresses: list[str] | tuple[str, ...]) -> list[multiaddr.Multiaddr]:
-    """Multiaddrs to dial, without the /p2p/ suffix the peer ID already gives."""
-    return [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in addresses]
 
 
 class _Connections(INotifee):  # type: ignore[misc]
