@@ -39,6 +39,7 @@ class MailboxOwner:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.collect_now = trio.Event()
+        self._searches = 0
 
     def is_mailbox(self, peer: ID) -> bool:
         return peer.to_bytes() in {p for p, _ in self.my_mailboxes()}
@@ -76,7 +77,11 @@ class MailboxOwner:
                 log.warning("mailbox upkeep failed: %s", error)
             wait = self.node.config.mailbox_interval
             if len(self.my_mailboxes()) < self.node.config.mailbox_count:
-                wait = min(wait, 5.0)  # still looking for mailboxes
+                # still looking for mailboxes: soon at first, then less often
+                wait = min(wait, 5.0 * 2 ** min(self._searches, 8))
+                self._searches += 1
+            else:
+                self._searches = 0
             with trio.move_on_after(wait):
                 await self.collect_now.wait()
             self.collect_now = trio.Event()
