@@ -65,6 +65,10 @@ class ContactCode:
     @classmethod
     def parse(cls, uri: str) -> ContactCode:
         text = uri.strip()
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError("contact code is not valid text") from None
         if not text.startswith(SCHEME):
             raise ProtocolError("not a Pigeon contact code (it must start with 'pigeon:')")
         body = text[len(SCHEME) :]

@@ -114,6 +114,10 @@ class Fields:
                 raise ProtocolError(f"field {number} is missing")
             return default
         assert isinstance(value, int)
+        if default is None and value == 0:
+            # Our encoders never write a zero varint, so a required field cannot
+            # be zero: accepting it would give a value that does not re-encode.
+            raise ProtocolError(f"field {number} is missing")
         if value > maximum:
             raise ProtocolError(f"field {number} is out of range")
         return value

@@ -1,127 +1,415 @@
-"""Flip every bit of every field: the receiver raises DecryptError (or, for
-bytes that no longer parse, another ProtocolError) and its state does not
-change; the untouched message still decrypts afterwards."""
+"""Flip every bit of real protocol messages: nothing tampered is ever accepted.
+
+For an established session pair in the production configuration (PIGEON,
+header encryption on) and in libsignal's CLASSIC configuration, each bit of a
+valid ratchet message (session kind byte, version byte, every header byte
+including the header nonce, every ciphertext and tag byte) is flipped in turn
+and the result delivered.  The receiver must raise DecryptError (a flipped kind
+byte no longer decodes: ProtocolError) and its serialized state must be
+byte-identical before and after; the untouched message must still decrypt
+afterwards, exactly once.  The same for the first prekey message (through
+``Session.respond``), sealed envelopes and signed directory records.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pytest
 
-from helpers import NOW, Party, deliver, session_pair
 from pigeon.protocol import (
     CLASSIC,
     PIGEON,
     DecryptError,
+    Device,
+    DeviceCertificate,
     DirectoryRecord,
     IdentityKeyPair,
     IncomingMessage,
+    OneTimePrekey,
     ProtocolError,
     RatchetConfig,
     Session,
+    SignedPrekey,
     open_envelope,
     seal,
 )
+from pigeon.protocol.crypto import x25519_keypair
+from pigeon.protocol.records import MailboxEntry
 
+# -- fixtures: parties and sessions built through the public API ----------------
+
+NOW = 1_800_000_000
 CONFIGS = [pytest.param(PIGEON, id="pigeon"), pytest.param(CLASSIC, id="classic")]
 
 
-def flips(data: bytes) -> list[bytes]:
+@dataclass
+class Party:
+    """An identity with signed prekeys 0..7 (``published`` is in its record) and
+    one-time prekeys 1..8, so that flipped prekey IDs often name a real key."""
+
+    name: str
+    published: int = 2
+    identity: IdentityKeyPair = field(default_factory=lambda: IdentityKeyPair.generate(os.urandom))
+    signed_prekeys: dict[int, bytes] = field(default_factory=dict)
+    one_time_prekeys: dict[int, bytes] = field(default_factory=dict)
+    offered: dict[int, OneTimePrekey] = field(default_factory=dict)
+    spk: SignedPrekey | None = None
+
+    def __post_init__(self) -> None:
+        for prekey_id in range(8):
+            private, public = x25519_keypair(os.urandom)
+            self.signed_prekeys[prekey_id] = private
+            if prekey_id == self.published:
+                self.spk = SignedPrekey(prekey_id, public, NOW)
+        for prekey_id in range(1, 9):
+            otk, private = OneTimePrekey.create(self.identity, prekey_id, os.urandom)
+            self.one_time_prekeys[prekey_id] = private
+            self.offered[prekey_id] = otk
+
+    def record(self) -> DirectoryRecord:
+        assert self.spk is not None
+        return DirectoryRecord(self.identity.public_key, self.name, 1, NOW, NOW + 86400, self.spk)
+
+    def respond(self, message: bytes, config: RatchetConfig) -> tuple[Session, bytes]:
+        return Session.respond(
+            self.identity,
+            IncomingMessage.decode(message),
+            self.signed_prekeys.get,
+            self.one_time_prekeys.get,
+            os.urandom,
+            config,
+        )
+
+
+def initiate(alice: Party, bob: Party, config: RatchetConfig, otk_id: int = 3) -> Session:
+    """Alice starts a session from Bob's published, verified record."""
+    published = bob.record().sign(bob.identity)
+    bundle = DirectoryRecord.verify(published, now=NOW).bundle(bob.offered[otk_id])
+    return Session.initiate(alice.identity, bundle, os.urandom, config)
+
+
+def deliver(receiver: Session, message: bytes) -> bytes:
+    return receiver.decrypt(IncomingMessage.decode(message))
+
+
+def establish(
+    config: RatchetConfig, alice: Party | None = None, bob: Party | None = None
+) -> tuple[Session, Session]:
+    """Alice initiated, Bob answered, Alice heard back."""
+    alice, bob = alice or Party("alice"), bob or Party("bob")
+    a = initiate(alice, bob, config)
+    b, first = bob.respond(a.encrypt(b"first"), config)
+    assert first == b"first"
+    assert deliver(a, b.encrypt(b"reply")) == b"reply"
+    assert a.pending is None
+    return a, b
+
+
+def flips(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(byte index, bit, data with that one bit flipped) for every bit."""
     out = []
-    for i in range(len(data)):
+    for index in range(len(data)):
         for bit in range(8):
             changed = bytearray(data)
-            changed[i] ^= 1 << bit
-            out.append(bytes(changed))
+            changed[index] ^= 1 << bit
+            out.append((index, bit, bytes(changed)))
     return out
 
 
-def assert_every_flip_refused(receiver: Session, message: bytes) -> None:
+def regions(config: RatchetConfig, message: bytes) -> list[str]:
+    """What each byte of a ratchet session message is, for failure reports."""
+    names = ["session kind", "version"]
+    if config.header_encryption:
+        names += ["header nonce"] * 12 + ["encrypted header"] * 40 + ["header tag"] * 16
+    else:
+        names += ["ratchet key"] * 32 + ["previous chain length"] * 4 + ["message number"] * 4
+    names += ["ciphertext"] * (len(message) - len(names) - 16) + ["tag"] * 16
+    assert len(names) == len(message)
+    return names
+
+
+def report(failures: list[str]) -> str:
+    shown = "\n".join(failures[:20])
+    return f"{len(failures)} tampered inputs were not refused as they must be:\n{shown}"
+
+
+def refuse_every_flip(config: RatchetConfig, receiver: Session, message: bytes) -> None:
+    """Deliver every one-bit change of ``message``: each raises DecryptError (a
+    changed kind byte: ProtocolError while decoding) and leaves ``receiver`` as
+    it was."""
     before = receiver.serialize()
-    for changed in flips(message):
-        with pytest.raises(ProtocolError):
-            deliver(receiver, changed)
-        assert receiver.serialize() == before
+    names = regions(config, message)
+    failures = []
+    for index, bit, changed in flips(message):
+        where = f"byte {index} ({names[index]}) bit {bit}"
+        try:
+            incoming = IncomingMessage.decode(changed)
+        except ProtocolError:
+            if index != 0:
+                failures.append(f"{where}: refused while decoding, not decrypting")
+            continue
+        try:
+            plaintext = receiver.decrypt(incoming)
+        except DecryptError:
+            pass
+        except Exception as error:
+            failures.append(f"{where}: raised {type(error).__name__}: {error}")
+        else:
+            failures.append(f"{where}: accepted as {plaintext!r}")
+        if receiver.serialize() != before:
+            failures.append(f"{where}: the receiver's state changed")
+            receiver = Session.deserialize(before, os.urandom, config)
+    assert not failures, report(failures)
 
 
-def scenario(config: RatchetConfig, kind: str) -> tuple[Session, bytes, bytes]:
-    """(receiver, message to tamper with, its plaintext)."""
-    a, b = session_pair(config)
+# -- ratchet messages -------------------------------------------------------------
+
+
+@dataclass
+class Scenario:
+    receiver: Session
+    message: bytes
+    plaintext: bytes
+    check_after: Callable[[Session], None]
+    """Confirms, after the real delivery, that the message took the intended path."""
+
+
+def scenario(config: RatchetConfig, kind: str) -> Scenario:
+    a, b = establish(config)
     if kind == "current chain":
-        deliver(b, a.encrypt(b"warm-up"))
-        return b, a.encrypt(b"target"), b"target"
-    if kind == "dh step":
+        deliver(b, a.encrypt(b"warm-up"))  # Bob now receives on Alice's current chain
+        dhr, skipped = b.ratchet.dhr, dict(b.ratchet.skipped)
+
+        def same_chain(receiver: Session) -> None:
+            assert receiver.ratchet.dhr == dhr and receiver.ratchet.skipped == skipped
+
+        return Scenario(b, a.encrypt(b"target"), b"target", same_chain)
+    if kind == "DH ratchet step":
         deliver(b, a.encrypt(b"x"))
-        deliver(a, b.encrypt(b"y"))
-        return b, a.encrypt(b"target"), b"target"
-    if kind == "skipped key":
-        target = a.encrypt(b"target")
+        deliver(a, b.encrypt(b"y"))  # Alice has heard back: her next message brings a new key
+        dhr = b.ratchet.dhr
+
+        def stepped(receiver: Session) -> None:
+            assert receiver.ratchet.dhr != dhr and receiver.ratchet.nr == 1
+
+        return Scenario(b, a.encrypt(b"target"), b"target", stepped)
+    if kind == "skipped key, current chain":
+        deliver(b, a.encrypt(b"warm-up"))
+        target = a.encrypt(b"target, overtaken")
         deliver(b, a.encrypt(b"later"))
-        return b, target, b"target"
-    raise AssertionError(kind)
+    elif kind == "skipped key, earlier chain":
+        target = a.encrypt(b"target, overtaken")
+        deliver(b, a.encrypt(b"later"))
+        deliver(a, b.encrypt(b"reply"))
+        deliver(b, a.encrypt(b"on Alice's next chain"))
+    else:
+        raise AssertionError(kind)
+    assert len(b.ratchet.skipped) == 1
+    dhr = b.ratchet.dhr
+
+    def from_store(receiver: Session) -> None:
+        assert receiver.ratchet.dhr == dhr and not receiver.ratchet.skipped
+
+    return Scenario(b, target, b"target, overtaken", from_store)
+
+
+KINDS = [
+    "current chain",
+    "DH ratchet step",
+    "skipped key, current chain",
+    "skipped key, earlier chain",
+]
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("kind", ["current chain", "dh step", "skipped key"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_every_bit_of_a_ratchet_message(config, kind):
-    receiver, message, plaintext = scenario(config, kind)
-    assert message[0] == 2  # an established-session message
-    assert_every_flip_refused(receiver, message)
-    assert deliver(receiver, message) == plaintext
+    case = scenario(config, kind)
+    assert case.message[0] == 2  # an established-session message
+    refuse_every_flip(config, case.receiver, case.message)
+    assert deliver(case.receiver, case.message) == case.plaintext
+    case.check_after(case.receiver)
+    before = case.receiver.serialize()
+    with pytest.raises(DecryptError):
+        deliver(case.receiver, case.message)  # a replay, once it has been read
+    assert case.receiver.serialize() == before
+
+
+# -- the first prekey message ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_bit_of_a_first_prekey_message(config):
+    """``Session.respond`` refuses every one-bit change of the whole session
+    message (kind, X3DH header, ratchet message) with a ProtocolError, and
+    nothing is used up; then the real message sets up a working session."""
     alice, bob = Party("alice"), Party("bob")
-    otk = bob.one_time_prekey(3)
-    a = Session.initiate(alice.identity, bob.record().bundle(otk), os.urandom, config)
+    a = initiate(alice, bob, config, otk_id=3)
     first = a.encrypt(b"first")
-    for changed in flips(first):
-        with pytest.raises(ProtocolError):
-            bob.respond(changed, config)
-    assert 3 in bob.one_time_prekeys  # nothing was consumed by the failures
-    _, text = bob.respond(first, config)
-    assert text == b"first"
+    signed, one_time = dict(bob.signed_prekeys), dict(bob.one_time_prekeys)
+    failures = []
+    for index, bit, changed in flips(first):
+        try:
+            _, plaintext = bob.respond(changed, config)
+        except ProtocolError:
+            continue
+        except Exception as error:
+            failures.append(f"byte {index} bit {bit}: raised {type(error).__name__}: {error}")
+        else:
+            failures.append(f"byte {index} bit {bit}: accepted as {plaintext!r}")
+    assert not failures, report(failures)
+    assert bob.signed_prekeys == signed and bob.one_time_prekeys == one_time
+    b, plaintext = bob.respond(first, config)
+    assert plaintext == b"first"
+    assert deliver(a, b.encrypt(b"it works")) == b"it works"
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_bit_of_a_repeated_prekey_message(config):
+    """The initiator's second prekey message, delivered to the session its first
+    one set up.  An established session reads only the identity key, base key
+    and ratchet message of the X3DH header: a change elsewhere (the prekey IDs,
+    or a field key turned into an unknown field) may be accepted, and then only
+    as the original plaintext.  Every other one-bit change raises
+    ProtocolError and leaves the state unchanged."""
+    alice, bob = Party("alice"), Party("bob")
+    a = initiate(alice, bob, config)
+    b, _ = bob.respond(a.encrypt(b"first"), config)
+    second = a.encrypt(b"second")
+    original = IncomingMessage.decode(second)
+    assert original.prekey is not None
+
+    def read(message: IncomingMessage) -> tuple[bytes, bytes, bytes] | None:
+        header = message.prekey
+        if header is None:
+            return None
+        return header.identity_key, header.base_key, message.ratchet_message
+
+    before = b.serialize()
+    failures = []
+    accepted = 0
+    for index, bit, changed in flips(second):
+        where = f"byte {index} bit {bit}"
+        try:
+            incoming = IncomingMessage.decode(changed)
+            plaintext = b.decrypt(incoming)
+        except ProtocolError:
+            if b.serialize() != before:
+                failures.append(f"{where}: refused, but the state changed")
+                b = Session.deserialize(before, os.urandom, config)
+            continue
+        except Exception as error:
+            failures.append(f"{where}: raised {type(error).__name__}: {error}")
+            continue
+        accepted += 1
+        if read(incoming) != read(original) or plaintext != b"second":
+            failures.append(f"{where}: accepted with other content: {plaintext!r}")
+        b = Session.deserialize(before, os.urandom, config)  # undo the accepted delivery
+    assert not failures, report(failures)
+    assert accepted < 4 * 8  # only the few bytes of the prekey IDs and their field keys
+    assert deliver(b, second) == b"second"
+
+
+# -- sealed envelopes and signed records -------------------------------------------------
 
 
 def test_every_bit_of_a_sealed_envelope():
+    """A changed version byte is not an envelope (ProtocolError); every other
+    change fails authentication (DecryptError)."""
     alice, bob = IdentityKeyPair.generate(os.urandom), IdentityKeyPair.generate(os.urandom)
-    envelope = seal(alice, bob.public_key, b"sealed", os.urandom)
-    for changed in flips(envelope):
-        with pytest.raises(ProtocolError):
-            open_envelope(bob, changed)
-    assert open_envelope(bob, envelope).payload == b"sealed"
+    envelope = seal(alice, bob.public_key, b"a sealed session message", os.urandom)
+    failures = []
+    for index, bit, changed in flips(envelope):
+        expected = ProtocolError if index == 0 else DecryptError
+        try:
+            opened = open_envelope(bob, changed)
+        except expected:
+            continue
+        except Exception as error:
+            failures.append(f"byte {index} bit {bit}: raised {type(error).__name__}: {error}")
+        else:
+            failures.append(f"byte {index} bit {bit}: opened as {opened!r}")
+    assert not failures, report(failures)
+    opened = open_envelope(bob, envelope)
+    assert opened.sender_key == alice.public_key
+    assert opened.payload == b"a sealed session message"
 
 
 def test_every_bit_of_a_signed_record():
+    """A record with a device and a mailbox: every one-bit change is refused
+    with a ProtocolError, never accepted (with other content or the same)."""
     bob = Party("bob")
-    record = bob.record()
+    cert = DeviceCertificate.issue(bob.identity, b"\x00\x24" + b"p" * 36, NOW)
+    record = DirectoryRecord(
+        bob.identity.public_key,
+        "bob",
+        5,
+        NOW,
+        NOW + 86400,
+        bob.record().signed_prekey,
+        (Device(cert, ("/ip4/192.0.2.1/tcp/4001",)),),
+        (MailboxEntry(b"\x00\x24" + b"m" * 36, b"b" * 16, ("/ip4/192.0.2.2/tcp/4001",)),),
+    )
     data = record.sign(bob.identity)
-    for changed in flips(data):
+    failures = []
+    for index, bit, changed in flips(data):
         try:
             accepted = DirectoryRecord.verify(changed, now=NOW)
         except ProtocolError:
             continue
-        # a flip can only be accepted if it did not change what was signed
-        # (e.g. a varint re-encoding is impossible here, so this must not happen)
-        assert accepted == record, "a tampered record was accepted with other content"
+        except Exception as error:
+            failures.append(f"byte {index} bit {bit}: raised {type(error).__name__}: {error}")
+        else:
+            same = "the same" if accepted == record else "other"
+            failures.append(f"byte {index} bit {bit}: accepted with {same} content")
+    assert not failures, report(failures)
+    assert DirectoryRecord.verify(data, now=NOW) == record
+
+
+# -- messages delivered to the wrong session --------------------------------------------
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_a_message_of_another_session_changes_nothing(config):
-    a, _ = session_pair(config)
-    _, d = session_pair(config)
-    message = a.encrypt(b"for b")
-    before = d.serialize()
-    with pytest.raises(DecryptError):
-        deliver(d, message)
-    assert d.serialize() == before
+def test_a_message_for_another_session_changes_nothing(config):
+    """Messages of one session pair, delivered to either side of an unrelated
+    pair, to another session between the same two people, or back to their
+    sender: DecryptError, state unchanged; then they still reach the right one."""
+    alice, bob = Party("alice"), Party("bob")
+    a, b = establish(config, alice, bob)
+    c, d = establish(config)
+    again_a, again_b = establish(config, alice, Party("bob", identity=bob.identity))
+    to_b, to_a = a.encrypt(b"for b"), b.encrypt(b"for a")
+    pending = initiate(alice, bob, config).encrypt(b"a new session's first message")
+    wrong = [
+        (c, to_b),
+        (d, to_b),
+        (c, to_a),
+        (d, to_a),
+        (again_b, to_b),
+        (again_a, to_a),
+        (a, to_b),  # reflected back to its sender
+        (b, to_a),
+        (b, pending),  # a prekey message for another session between the same people
+        (again_b, pending),
+    ]
+    for receiver, message in wrong:
+        before = receiver.serialize()
+        with pytest.raises(DecryptError):
+            deliver(receiver, message)
+        assert receiver.serialize() == before
+    assert deliver(b, to_b) == b"for b"
+    assert deliver(a, to_a) == b"for a"
 
 
-def test_wrong_associated_data_fails():
-    a, b = session_pair()
-    message = a.encrypt(b"x")
+@pytest.mark.parametrize("config", CONFIGS)
+def test_wrong_associated_data_changes_nothing(config):
+    a, b = establish(config)
+    message = IncomingMessage.decode(a.encrypt(b"x")).ratchet_message
     before = b.serialize()
     with pytest.raises(DecryptError):
-        b.ratchet.decrypt(IncomingMessage.decode(message).ratchet_message, b"other ad")
+        b.ratchet.decrypt(message, b.local_key + b.remote_key)  # the two keys swapped
     assert b.serialize() == before
+    assert b.ratchet.decrypt(message, b.remote_key + b.local_key) == b"x"
