@@ -20,14 +20,19 @@ from .fingerprint import (
 )
 from .keys import IdentityKeyPair, identity_id
 from .messages import (
+    MAX_TEXT_BYTES,
     AppMessage,
+    Content,
     FileOffer,
     Receipt,
     ReceiptType,
+    ResetReason,
+    SessionReset,
     SignalType,
     Text,
     Unknown,
     WebRTCSignal,
+    check_text,
 )
 from .ratchet import CLASSIC, PIGEON, RatchetConfig, RatchetState
 from .records import (
@@ -43,9 +48,11 @@ from .session import IncomingMessage, Session
 
 __all__ = [
     "CLASSIC",
+    "MAX_TEXT_BYTES",
     "PIGEON",
     "AppMessage",
     "ContactCode",
+    "Content",
     "DecryptError",
     "Device",
     "DeviceCertificate",
@@ -65,12 +72,15 @@ __all__ = [
     "Receipt",
     "ReceiptType",
     "RecordError",
+    "ResetReason",
     "Session",
+    "SessionReset",
     "SignalType",
     "SignedPrekey",
     "Text",
     "Unknown",
     "WebRTCSignal",
+    "check_text",
     "compare_scannable",
     "dht_key",
     "format_safety_number",

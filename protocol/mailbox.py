@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from .crypto import sha256
+from .envelope import MAX_ENVELOPE
 from .errors import ProtocolError
 from .keys import SIGNATURE_SIZE
 from .wire import Fields, Writer
@@ -21,7 +22,14 @@ from .wire import Fields, Writer
 MAILBOX_ID_SIZE = 16
 ITEM_ID_SIZE = 16
 NONCE_SIZE = 32
-MAX_ITEMS = 256
+MAX_ITEMS = 256  # items per FETCH reply
+# A FETCH reply carries items up to this many envelope bytes in all (or one
+# item, when the first alone is larger), so a reply always fits the owner's
+# frame limit whatever the mailbox holds; ``more`` says whether to ask again.
+MAX_PAGE_BYTES = 1 << 20
+_ITEM_OVERHEAD = 64
+MAX_RESPONSE_SIZE = MAX_PAGE_BYTES + MAX_ENVELOPE + MAX_ITEMS * _ITEM_OVERHEAD + 4096
+MAX_REQUEST_SIZE = MAX_ENVELOPE + 4096  # a deposit is the largest request
 _PROOF_CONTEXT = b"pigeon/mailbox-proof/v1\x00"
 
 
@@ -80,8 +88,8 @@ class Request:
         )
 
     @classmethod
-    def decode(cls, data: bytes, max_envelope: int) -> Request:
-        f = Fields(data, repeated=(8, 10))
+    def decode(cls, data: bytes) -> Request:
+        f = Fields(data, repeated={8: MAX_ITEMS, 10: MAX_PREKEYS})
         try:
             op = Op(f.uint(1, default=None))
         except ValueError:
@@ -89,13 +97,13 @@ class Request:
         box = f.bytes_(2, required=op != Op.REGISTER, size=None)
         if box and len(box) != MAILBOX_ID_SIZE:
             raise ProtocolError("mailbox ID has the wrong size")
-        ids = f.repeated_bytes(8, max_count=MAX_ITEMS, max_size=ITEM_ID_SIZE)
+        ids = f.repeated_bytes(8, max_size=ITEM_ID_SIZE)
         if any(len(i) != ITEM_ID_SIZE for i in ids):
             raise ProtocolError("item ID has the wrong size")
         return cls(
             op=op,
             mailbox_id=box,
-            envelope=f.bytes_(3, required=op == Op.DEPOSIT, max_size=max_envelope),
+            envelope=f.bytes_(3, required=op == Op.DEPOSIT, max_size=MAX_ENVELOPE),
             ttl_s=f.uint(4, maximum=0xFFFFFFFF),
             public_key=f.bytes_(
                 5, required=op == Op.REGISTER, size=32 if op == Op.REGISTER else None
@@ -104,7 +112,7 @@ class Request:
             signature=f.bytes_(7, required=op in PROVEN, max_size=SIGNATURE_SIZE),
             item_ids=tuple(ids),
             limit=f.uint(9, maximum=MAX_ITEMS),
-            prekeys=tuple(f.repeated_bytes(10, max_count=MAX_PREKEYS, max_size=128)),
+            prekeys=tuple(f.repeated_bytes(10, max_size=128)),
         )
 
 
@@ -124,6 +132,7 @@ class Response:
     item_id: bytes = b""
     prekey: bytes = b""  # an encoded OneTimePrekey, or empty when none is left
     prekeys_left: int = 0
+    more: bool = False  # FETCH: the mailbox holds more than this reply carries
 
     def encode(self) -> bytes:
         w = (
@@ -134,6 +143,7 @@ class Response:
             .bytes_(5, self.item_id)
             .bytes_(6, self.prekey)
             .uint(7, self.prekeys_left)
+            .uint(8, int(self.more))
         )
         w.repeated_bytes(
             4,
@@ -145,15 +155,17 @@ class Response:
         return w.finish()
 
     @classmethod
-    def decode(cls, data: bytes, max_envelope: int) -> Response:
-        f = Fields(data, repeated=(4,))
+    def decode(cls, data: bytes) -> Response:
+        if len(data) > MAX_RESPONSE_SIZE:
+            raise ProtocolError("mailbox response too large")
+        f = Fields(data, repeated={4: MAX_ITEMS})
         items = []
-        for raw in f.repeated_bytes(4, max_count=MAX_ITEMS, max_size=max_envelope + 64):
+        for raw in f.repeated_bytes(4, max_size=MAX_ENVELOPE + _ITEM_OVERHEAD):
             item = Fields(raw)
             items.append(
                 Item(
                     item.bytes_(1, size=ITEM_ID_SIZE),
-                    item.bytes_(2, max_size=max_envelope),
+                    item.bytes_(2, max_size=MAX_ENVELOPE),
                     item.uint(3),
                 )
             )
@@ -165,4 +177,5 @@ class Response:
             item_id=f.bytes_(5, required=False, max_size=ITEM_ID_SIZE),
             prekey=f.bytes_(6, required=False, max_size=128),
             prekeys_left=f.uint(7, maximum=0xFFFFFFFF),
+            more=bool(f.uint(8, maximum=1)),
         )

@@ -13,13 +13,30 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from .crypto import Random
-from .errors import ProtocolError
+from .errors import LocalProtocolError, ProtocolError
 from .wire import Fields, Writer
 
 MESSAGE_ID_SIZE = 16
-MAX_TEXT_BYTES = 64 * 1024
+# The one limit on a text, in bytes of UTF-8: small enough that the largest
+# text, with its message, ratchet and prekey headers, still pads to the
+# 64 KiB envelope bucket (tests check it), not the next one at 256 KiB.
+MAX_TEXT_BYTES = 65_000
 MAX_RECEIPT_IDS = 1000
 MAX_SIGNAL_BYTES = 64 * 1024
+
+
+def check_text(text: str) -> None:
+    """Raise LocalProtocolError, saying why, unless ``text`` can be sent as one message."""
+    if not text:
+        raise LocalProtocolError("nothing to send: the message is empty")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise LocalProtocolError("the message is not valid text (a lone surrogate)") from None
+    if size > MAX_TEXT_BYTES:
+        raise LocalProtocolError(
+            f"message too long: {size:,} bytes of UTF-8; the limit is {MAX_TEXT_BYTES:,}"
+        )
 
 
 class Kind(IntEnum):
@@ -27,11 +44,16 @@ class Kind(IntEnum):
     RECEIPT = 2
     FILE_OFFER = 3
     WEBRTC_SIGNAL = 4
+    SESSION_RESET = 5
 
 
 class ReceiptType(IntEnum):
     DELIVERED = 1
     READ = 2
+
+
+class ResetReason(IntEnum):
+    UNDECRYPTABLE = 1  # envelopes from you arrived that no session of mine can read
 
 
 class SignalType(IntEnum):
@@ -67,6 +89,17 @@ class WebRTCSignal:
 
 
 @dataclass(frozen=True)
+class SessionReset:
+    """Sent in a session the sender has just started: "I could not read
+    ``failed`` of your envelopes; use this session and send again what I
+    have not confirmed".  It travels inside a fresh X3DH session, so it is as
+    authenticated as any message."""
+
+    reason: ResetReason
+    failed: int
+
+
+@dataclass(frozen=True)
 class Unknown:
     """A kind from a newer version: keep the bytes, show nothing."""
 
@@ -74,7 +107,7 @@ class Unknown:
     body: bytes
 
 
-Content = Text | Receipt | FileOffer | WebRTCSignal | Unknown
+Content = Text | Receipt | FileOffer | WebRTCSignal | SessionReset | Unknown
 
 
 def _encode_content(content: Content) -> tuple[int, bytes]:
@@ -94,10 +127,12 @@ def _encode_content(content: Content) -> tuple[int, bytes]:
             .text(3, content.payload)
         )
         return Kind.WEBRTC_SIGNAL, w.finish()
+    if isinstance(content, SessionReset):
+        return Kind.SESSION_RESET, Writer().uint(1, content.reason).uint(2, content.failed).finish()
     return content.kind, content.body
 
 
-def _enum(cls: type[ReceiptType] | type[SignalType], value: int) -> int:
+def _enum(cls: type[ReceiptType] | type[SignalType] | type[ResetReason], value: int) -> int:
     try:
         return cls(value)
     except ValueError:
@@ -108,8 +143,8 @@ def _decode_content(kind: int, body: bytes) -> Content:
     if kind == Kind.TEXT:
         return Text(Fields(body).text(1, required=False, max_size=MAX_TEXT_BYTES))
     if kind == Kind.RECEIPT:
-        f = Fields(body, repeated=(2,))
-        ids = f.repeated_bytes(2, max_count=MAX_RECEIPT_IDS, max_size=MESSAGE_ID_SIZE)
+        f = Fields(body, repeated={2: MAX_RECEIPT_IDS})
+        ids = f.repeated_bytes(2, max_size=MESSAGE_ID_SIZE)
         if any(len(i) != MESSAGE_ID_SIZE for i in ids):
             raise ProtocolError("receipt names a malformed message ID")
         return Receipt(ReceiptType(_enum(ReceiptType, f.uint(1, default=None))), tuple(ids))
@@ -123,6 +158,10 @@ def _decode_content(kind: int, body: bytes) -> Content:
             SignalType(_enum(SignalType, f.uint(2, default=None))),
             f.text(3, required=False, max_size=MAX_SIGNAL_BYTES),
         )
+    if kind == Kind.SESSION_RESET:
+        f = Fields(body)
+        reason = ResetReason(_enum(ResetReason, f.uint(1, default=None)))
+        return SessionReset(reason, f.uint(2, maximum=0xFFFFFFFF))
     return Unknown(kind, body)
 
 

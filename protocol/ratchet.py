@@ -389,7 +389,7 @@ class RatchetState:
 
     @classmethod
     def deserialize(cls, data: bytes, config: RatchetConfig, random: Random) -> RatchetState:
-        f = Fields(data, repeated=(15,))
+        f = Fields(data, repeated={15: config.max_skipped_total})
         version = f.uint(1, default=None)
         if version != STATE_VERSION:
             raise ProtocolError(f"unsupported ratchet state version {version}")
@@ -409,7 +409,7 @@ class RatchetState:
         state.nr = f.uint(9, maximum=_U32_MAX)
         state.pn = f.uint(10, maximum=_U32_MAX)
         state.hks, state.hkr, state.nhks, state.nhkr = key(11), key(12), key(13), key(14)
-        entries = f.repeated_bytes(15, max_count=config.max_skipped_total, max_size=128)
+        entries = f.repeated_bytes(15, max_size=128)
         for raw in entries:
             entry = Fields(raw)
             state.skipped[(entry.bytes_(1, size=32), entry.uint(2, maximum=_U32_MAX))] = (

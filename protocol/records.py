@@ -165,8 +165,8 @@ class Device:
 
     @classmethod
     def decode(cls, data: bytes) -> Device:
-        f = Fields(data, repeated=(2,))
-        addresses = f.repeated_text(2, max_count=MAX_ADDRESSES, max_size=MAX_ADDRESS_SIZE)
+        f = Fields(data, repeated={2: MAX_ADDRESSES})
+        addresses = f.repeated_text(2, max_size=MAX_ADDRESS_SIZE)
         return cls(DeviceCertificate.decode(f.bytes_(1)), tuple(addresses))
 
 
@@ -189,11 +189,11 @@ class MailboxEntry:
 
     @classmethod
     def decode(cls, data: bytes) -> MailboxEntry:
-        f = Fields(data, repeated=(3,))
+        f = Fields(data, repeated={3: MAX_ADDRESSES})
         return cls(
             f.bytes_(1, max_size=64),
             f.bytes_(2, size=16),
-            tuple(f.repeated_text(3, max_count=MAX_ADDRESSES, max_size=MAX_ADDRESS_SIZE)),
+            tuple(f.repeated_text(3, max_size=MAX_ADDRESS_SIZE)),
         )
 
 
@@ -274,7 +274,7 @@ class DirectoryRecord:
         outer = Fields(data)
         body = outer.bytes_(1)
         signature = outer.bytes_(2, size=SIGNATURE_SIZE)
-        f = Fields(body, repeated=(8, 9))
+        f = Fields(body, repeated={8: MAX_DEVICES, 9: MAX_MAILBOXES})
         version = f.uint(1, default=None)
         if version != RECORD_VERSION:
             raise ProtocolError(f"unsupported record version {version}")
@@ -292,12 +292,10 @@ class DirectoryRecord:
             expires_at=f.uint(6, default=None),
             signed_prekey=SignedPrekey.decode(f.bytes_(7)),
             devices=tuple(
-                Device.decode(raw)
-                for raw in f.repeated_bytes(8, max_count=MAX_DEVICES, max_size=MAX_RECORD_SIZE)
+                Device.decode(raw) for raw in f.repeated_bytes(8, max_size=MAX_RECORD_SIZE)
             ),
             mailboxes=tuple(
-                MailboxEntry.decode(raw)
-                for raw in f.repeated_bytes(9, max_count=MAX_MAILBOXES, max_size=MAX_RECORD_SIZE)
+                MailboxEntry.decode(raw) for raw in f.repeated_bytes(9, max_size=MAX_RECORD_SIZE)
             ),
         )
         for device in record.devices:

@@ -11,7 +11,7 @@ compatibility.  No I/O here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Final
 
 from .errors import ProtocolError
@@ -77,23 +77,36 @@ def iter_fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
             raise ProtocolError(f"unsupported wire type {wire_type}")
 
 
+MAX_DISTINCT_FIELDS = 64  # ours use at most 16; the rest is room for newer versions
+
+
 class Fields:
     """The decoded fields of one message, with strict typed accessors.
 
-    Construction checks that no non-repeated field appears twice; each
-    accessor checks the wire type and, when asked, presence and length.
+    ``repeated`` names the fields that may repeat, each with the most times it
+    may: counts are checked while parsing, so a frame of a million tiny
+    fields is refused after the first few hundred, not after building a list
+    of all of them.  A field not named there may appear once; at most
+    :data:`MAX_DISTINCT_FIELDS` field numbers may appear.  Each accessor
+    checks the wire type and, when asked, presence and length.
     """
 
     __slots__ = ("_fields",)
 
-    def __init__(self, data: bytes, repeated: Iterable[int] = ()) -> None:
+    def __init__(self, data: bytes, repeated: Mapping[int, int] | None = None) -> None:
         if not isinstance(data, bytes | bytearray | memoryview):
             raise ProtocolError("expected bytes")
-        repeated_set = frozenset(repeated)
+        limits = repeated or {}
         fields: dict[int, list[tuple[int, int | bytes]]] = {}
         for number, wire_type, value in iter_fields(bytes(data)):
-            entries = fields.setdefault(number, [])
-            if entries and number not in repeated_set:
+            entries = fields.get(number)
+            if entries is None:
+                if len(fields) >= MAX_DISTINCT_FIELDS:
+                    raise ProtocolError("message has too many fields")
+                entries = fields[number] = []
+            elif len(entries) >= limits.get(number, 1):
+                if number in limits:
+                    raise ProtocolError(f"field {number} repeats too often")
                 raise ProtocolError(f"field {number} appears twice")
             entries.append((wire_type, value))
         self._fields = fields
@@ -154,10 +167,9 @@ class Fields:
         except UnicodeDecodeError:
             raise ProtocolError(f"field {number} is not valid UTF-8") from None
 
-    def repeated_bytes(self, number: int, *, max_count: int, max_size: int) -> list[bytes]:
+    def repeated_bytes(self, number: int, *, max_size: int) -> list[bytes]:
+        """Every occurrence of a repeated field (its count was checked while parsing)."""
         entries = self._fields.get(number, [])
-        if len(entries) > max_count:
-            raise ProtocolError(f"field {number} repeats too often")
         out: list[bytes] = []
         for wire_type, value in entries:
             if wire_type != LEN or not isinstance(value, bytes):
@@ -167,12 +179,9 @@ class Fields:
             out.append(value)
         return out
 
-    def repeated_text(self, number: int, *, max_count: int, max_size: int) -> list[str]:
+    def repeated_text(self, number: int, *, max_size: int) -> list[str]:
         try:
-            return [
-                raw.decode("utf-8")
-                for raw in self.repeated_bytes(number, max_count=max_count, max_size=max_size)
-            ]
+            return [raw.decode("utf-8") for raw in self.repeated_bytes(number, max_size=max_size)]
         except UnicodeDecodeError:
             raise ProtocolError(f"field {number} is not valid UTF-8") from None
 

@@ -38,6 +38,7 @@ from pigeon.protocol import (
     PIGEON,
     AppMessage,
     ContactCode,
+    Content,
     DecryptError,
     Device,
     DeviceCertificate,
@@ -52,7 +53,9 @@ from pigeon.protocol import (
     RatchetState,
     Receipt,
     ReceiptType,
+    ResetReason,
     Session,
+    SessionReset,
     SignalType,
     SignedPrekey,
     Text,
@@ -68,6 +71,8 @@ from pigeon.protocol import (
 from pigeon.protocol.contact import validate_name
 from pigeon.protocol.crypto import aead_encrypt, hkdf, x25519, x25519_keypair
 from pigeon.protocol.envelope import BUCKETS, pad
+from pigeon.protocol.frames import Ack, AckEntry, AckStatus, Deliver, MailboxNotice, Presence
+from pigeon.protocol.mailbox import Item, Op, Request, Response
 from pigeon.protocol.records import MailboxEntry
 from pigeon.protocol.wire import Fields, Writer, decode_varint, encode_varint
 
@@ -268,7 +273,7 @@ CONTACT_KEY_PART = CONTACT_URI[: CONTACT_URI.index("?") + 1]  # "pigeon:<key>?"
 ENVELOPE = seal(ALICE.identity, BOB.identity.public_key, b"sealed payload", os.urandom)
 
 
-def _app(content: Text | Receipt | FileOffer | WebRTCSignal | Unknown) -> bytes:
+def _app(content: Content) -> bytes:
     message = AppMessage.new(content, lamport=3, sent_at_ms=1_700_000_000_123, random=os.urandom)
     return message.encode()
 
@@ -351,6 +356,17 @@ def _build_samples() -> dict[str, Sample]:
     otk = BOB.one_time_prekey(3).encode()
     device = DEVICE.encode()
     mailbox = MAILBOX.encode()
+    deliver = Deliver((ENVELOPE, ENVELOPE[:-1] + b"x")).encode()
+    ack = Ack(
+        (AckEntry(b"d" * 32, AckStatus.STORED), AckEntry(b"e" * 32, AckStatus.REFUSED))
+    ).encode()
+    deposit = Request(Op.DEPOSIT, b"b" * 16, envelope=ENVELOPE, ttl_s=3600).encode()
+    delete = Request(
+        Op.DELETE, b"b" * 16, nonce=b"n" * 32, signature=b"s" * 64, item_ids=(b"i" * 16, b"j" * 16)
+    ).encode()
+    fetched = Response(
+        ok=True, items=(Item(b"i" * 16, ENVELOPE, NOW), Item(b"j" * 16, ENVELOPE, NOW)), more=True
+    ).encode()
     text = _app(Text("h\u00e9llo"))
     unknown = _app(Unknown(99, b"\x08\x01"))
     prekey_message = initiate(Party("alice"), Party("bob"), PIGEON).encrypt(b"x")
@@ -358,8 +374,12 @@ def _build_samples() -> dict[str, Sample]:
     any_boundary = "a message may end after any field"
     return {
         "fields": Sample(Fields, RECORD_BYTES, 0, any_boundary, protobuf_prefix=b""),
-        "fields, repeated=(8, 9)": Sample(
-            lambda d: Fields(d, repeated=(8, 9)), RECORD_BODY, 0, any_boundary, protobuf_prefix=b""
+        "fields, repeated={8: 8, 9: 8}": Sample(
+            lambda d: Fields(d, repeated={8: 8, 9: 8}),
+            RECORD_BODY,
+            0,
+            any_boundary,
+            protobuf_prefix=b"",
         ),
         "varint": Sample(lambda d: decode_varint(d, 0), encode_varint(2**64 - 1), None, VARINT),
         "varint at an offset": Sample(
@@ -467,6 +487,57 @@ def _build_samples() -> dict[str, Sample]:
             CONTACT_URI.encode("ascii"),
             len(CONTACT_KEY_PART) + len("name=") + 1,
             "a code is complete once its name has a character; addresses are optional",
+        ),
+        "app message, session reset": Sample(
+            AppMessage.decode,
+            _app(SessionReset(ResetReason.UNDECRYPTABLE, 3)),
+            None,
+            "a reset's body holds its required reason, so no prefix is valid",
+        ),
+        "deliver frame": Sample(
+            Deliver.decode,
+            deliver,
+            field_end(deliver, 1),
+            "a frame cut after its first envelope is a valid frame of one envelope",
+            protobuf_prefix=b"",
+        ),
+        "ack frame": Sample(
+            Ack.decode,
+            ack,
+            0,
+            "an ack of nothing is valid (it matches no batch)",
+            protobuf_prefix=b"",
+        ),
+        "presence frame": Sample(
+            Presence.decode, b"\x08\x01", 0, "an empty frame says 'offline'", protobuf_prefix=b""
+        ),
+        "mailbox notice frame": Sample(
+            MailboxNotice.decode,
+            MailboxNotice(b"n" * 16).encode(),
+            None,
+            STRICT,
+            protobuf_prefix=b"",
+        ),
+        "mailbox request, deposit": Sample(
+            Request.decode,
+            deposit,
+            field_end(deposit, 3),
+            "the TTL after the envelope is optional",
+            protobuf_prefix=b"",
+        ),
+        "mailbox request, delete": Sample(
+            Request.decode,
+            delete,
+            field_end(delete, 7),
+            "item IDs after the proof are an optional repeated field",
+            protobuf_prefix=b"",
+        ),
+        "mailbox response, fetch": Sample(
+            Response.decode,
+            fetched,
+            0,
+            "every field of a response is optional",
+            protobuf_prefix=b"",
         ),
         **_session_samples(PIGEON, "pigeon"),
         **_session_samples(CLASSIC, "classic"),
@@ -713,8 +784,8 @@ def accessor_checks(n: int) -> list[tuple[Callable[[Fields], object], Callable[[
         (lambda f: f.optional_bytes(n, size=16), lambda v: v is None or len(v) == 16),
         (lambda f: f.text(n, required=False), lambda v: isinstance(v, str)),
         (lambda f: f.text(n, max_size=10), lambda v: len(v.encode()) <= 10),
-        (lambda f: f.repeated_bytes(n, max_count=3, max_size=40), lambda v: len(v) <= 3),
-        (lambda f: f.repeated_text(n, max_count=3, max_size=40), lambda v: len(v) <= 3),
+        (lambda f: f.repeated_bytes(n, max_size=40), lambda v: len(v) <= 3),
+        (lambda f: f.repeated_text(n, max_size=40), lambda v: len(v) <= 3),
     ]
 
 
@@ -726,7 +797,7 @@ def accessor_checks(n: int) -> list[tuple[Callable[[Fields], object], Callable[[
 def test_fields_and_every_accessor(data, repeated):
     """Fields(…, repeated=…) and each typed accessor: a value that keeps its
     promise (type, size, range) or ProtocolError."""
-    fields = outcome(lambda d: Fields(d, repeated=repeated), data)
+    fields = outcome(lambda d: Fields(d, repeated=dict.fromkeys(repeated, 3)), data)
     if isinstance(fields, ProtocolError):
         return
     assert isinstance(fields, Fields)

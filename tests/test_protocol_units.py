@@ -61,7 +61,12 @@ def test_fields_refuse_duplicates_and_wrong_types():
     twice = Writer().uint(1, 5).uint(1, 6).finish()
     with pytest.raises(ProtocolError, match="twice"):
         Fields(twice)
-    assert Fields(twice, repeated=(1,)) is not None
+    assert Fields(twice, repeated={1: 2}) is not None
+    with pytest.raises(ProtocolError, match="repeats too often"):
+        Fields(twice + Writer().uint(1, 7).finish(), repeated={1: 2})
+    many = b"".join(Writer().uint(n, 1).finish() for n in range(1, 66))
+    with pytest.raises(ProtocolError, match="too many fields"):
+        Fields(many)
     with pytest.raises(ProtocolError, match="wrong type"):
         Fields(Writer().uint(2, 5).finish()).bytes_(2)
     with pytest.raises(ProtocolError, match="missing"):

@@ -1,0 +1,120 @@
+"""The node's own stream frames: delivery (Deliver, Ack), presence and the
+mailbox notice.  Each is one protobuf message, carried length-prefixed on a
+libp2p stream (docs/protocol/delivery.md); the node only moves them.  Counts
+and sizes are checked while parsing.  No I/O here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+from .crypto import sha256
+from .envelope import MAX_ENVELOPE
+from .errors import ProtocolError
+from .mailbox import MAILBOX_ID_SIZE
+from .wire import Fields, Writer
+
+MAX_BATCH = 128  # envelopes per Deliver frame, and entries per Ack
+MAX_DELIVER_FRAME = 2 * MAX_ENVELOPE  # a frame holds one largest envelope, or many small ones
+DIGEST_SIZE = 32
+MAX_ACK_FRAME = MAX_BATCH * 64
+MAX_PRESENCE_FRAME = 16
+MAX_NOTICE_FRAME = 64
+
+
+class AckStatus(IntEnum):
+    """What the receiver of a Deliver frame says about each envelope in it."""
+
+    STORED = 0  # committed to its database
+    DUPLICATE = 1  # it already had this envelope
+    REFUSED = 2  # it will never accept it; the reason is not said (see THREAT_MODEL)
+
+
+def digest(envelope: bytes) -> bytes:
+    """How acknowledgements name an envelope."""
+    return sha256(envelope)
+
+
+@dataclass(frozen=True)
+class Deliver:
+    envelopes: tuple[bytes, ...]
+
+    def encode(self) -> bytes:
+        if not 0 < len(self.envelopes) <= MAX_BATCH:
+            raise ValueError(f"a Deliver frame carries 1 to {MAX_BATCH} envelopes")
+        return Writer().repeated_bytes(1, self.envelopes).finish()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Deliver:
+        f = Fields(data, repeated={1: MAX_BATCH})
+        envelopes = tuple(f.repeated_bytes(1, max_size=MAX_ENVELOPE))
+        if not envelopes:
+            raise ProtocolError("a Deliver frame carries no envelope")
+        return cls(envelopes)
+
+
+@dataclass(frozen=True)
+class AckEntry:
+    digest: bytes
+    status: AckStatus
+
+    def encode(self) -> bytes:
+        return Writer().bytes_(1, self.digest).uint(2, self.status).finish()
+
+    @classmethod
+    def decode(cls, data: bytes) -> AckEntry:
+        f = Fields(data)
+        try:
+            status = AckStatus(f.uint(2, maximum=0xFF))
+        except ValueError:
+            raise ProtocolError("unknown acknowledgement status") from None
+        return cls(f.bytes_(1, size=DIGEST_SIZE), status)
+
+
+@dataclass(frozen=True)
+class Ack:
+    """One entry per envelope of the Deliver frame it answers, in order."""
+
+    entries: tuple[AckEntry, ...]
+
+    def encode(self) -> bytes:
+        return Writer().repeated_bytes(1, (e.encode() for e in self.entries)).finish()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Ack:
+        f = Fields(data, repeated={1: MAX_BATCH})
+        return cls(tuple(AckEntry.decode(raw) for raw in f.repeated_bytes(1, max_size=64)))
+
+    def check_answers(self, envelopes: tuple[bytes, ...] | list[bytes]) -> None:
+        """Refuse an Ack that does not name exactly these envelopes, in order."""
+        if [e.digest for e in self.entries] != [digest(e) for e in envelopes]:
+            raise ProtocolError("acknowledgement does not match what was sent")
+
+
+@dataclass(frozen=True)
+class Presence:
+    """ "I am online" (or, as an answer to a stranger, nothing to say)."""
+
+    online: bool
+
+    def encode(self) -> bytes:
+        return Writer().uint(1, int(self.online)).finish()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Presence:
+        return cls(bool(Fields(data).uint(1, maximum=1)))
+
+
+@dataclass(frozen=True)
+class MailboxNotice:
+    """A mailbox tells its connected owner that something arrived."""
+
+    mailbox_id: bytes
+
+    def encode(self) -> bytes:
+        return Writer().bytes_(1, self.mailbox_id).finish()
+
+    @classmethod
+    def decode(cls, data: bytes) -> MailboxNotice:
+        return cls(Fields(data).bytes_(1, size=MAILBOX_ID_SIZE))
