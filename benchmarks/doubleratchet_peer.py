@@ -13,7 +13,10 @@ Pigeon's KDFs.
 
 The package is asynchronous but never waits on anything, so its coroutines are
 driven to completion directly.  Used by ``tests/test_cross_check.py`` and
-``benchmarks/ratchet.py``.
+``benchmarks/ratchet.py``.  Besides whole conversations (:class:`Peer`), the
+package's root KDF chain (:func:`root_chain_step`) and its Diffie-Hellman
+ratchet alone, built from explicit state (:class:`DHRatchet`), are exposed for
+step-by-step comparisons.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from doubleratchet import aead as dr_aead
 from doubleratchet import double_ratchet
+from doubleratchet.kdf_chain import KDFChain
+from doubleratchet.models import (
+    DiffieHellmanRatchetModel,
+    KDFChainModel,
+    SymmetricKeyRatchetModel,
+)
 from doubleratchet.recommended import (
     HashFunction,
     aead_aes_hmac,
@@ -58,13 +67,9 @@ class _MessageChainKDF(kdf_separate_hmacs.KDF):
         return HashFunction.SHA_256
 
 
-def _classes(
-    root_info: bytes,
-    message_info: bytes,
-    privates: list[bytes],
-    used_keys: list[bytes],
-    recommended_aead: bool,
-) -> tuple[type, type, type, type]:
+def _root_kdf(root_info: bytes) -> type[kdf_hkdf.KDF]:
+    """The package's HKDF root-chain KDF with SHA-256 and Pigeon's root label."""
+
     class RootKDF(kdf_hkdf.KDF):
         @staticmethod
         def _get_hash_function() -> HashFunction:
@@ -73,6 +78,31 @@ def _classes(
         @staticmethod
         def _get_info() -> bytes:
             return root_info
+
+    return RootKDF
+
+
+def _dh_ratchet_class(
+    privates: list[bytes],
+) -> type[diffie_hellman_ratchet_curve25519.DiffieHellmanRatchet]:
+    """The package's X25519 ratchet, taking its new private keys from ``privates``."""
+
+    class Ratchet(diffie_hellman_ratchet_curve25519.DiffieHellmanRatchet):
+        @staticmethod
+        def _generate_priv() -> bytes:
+            return privates.pop(0) if privates else os.urandom(32)
+
+    return Ratchet
+
+
+def _classes(
+    root_info: bytes,
+    message_info: bytes,
+    privates: list[bytes],
+    used_keys: list[bytes],
+    recommended_aead: bool,
+) -> tuple[type, type, type, type]:
+    RootKDF = _root_kdf(root_info)
 
     class GcmAEAD(dr_aead.AEAD):
         @staticmethod
@@ -107,10 +137,7 @@ def _classes(
         def _get_info() -> bytes:
             return message_info
 
-    class Ratchet(diffie_hellman_ratchet_curve25519.DiffieHellmanRatchet):
-        @staticmethod
-        def _generate_priv() -> bytes:
-            return privates.pop(0) if privates else os.urandom(32)
+    Ratchet = _dh_ratchet_class(privates)
 
     class Conversation(double_ratchet.DoubleRatchet):
         @staticmethod
@@ -230,3 +257,66 @@ def make_pair(
     )
     bob.accept(shared_secret, bob_ratchet_private, alice.start(shared_secret, bob_public, first))
     return alice, bob
+
+
+def root_chain_step(root_info: bytes, root_key: bytes, dh_out: bytes) -> tuple[bytes, bytes]:
+    """KDF_RK done by the package: one step of its root KDF chain keyed by
+    ``root_key`` with ``dh_out`` as input.  Returns (new root key, chain key)."""
+    chain = KDFChain.create(_root_kdf(root_info), root_key)
+    chain_key = run(chain.step(dh_out, 32))
+    return bytes(chain.model.key), chain_key
+
+
+def _chain(key: bytes | None, length: int) -> KDFChainModel | None:
+    return None if key is None else KDFChainModel(length=length, key=key)
+
+
+class DHRatchet:
+    """The package's Diffie-Hellman ratchet (which drives its symmetric-key
+    ratchet) on its own, restored from explicit state, so that one ratchet step
+    can be compared field by field with another implementation's."""
+
+    def __init__(
+        self,
+        root_info: bytes,
+        *,
+        own_private: bytes,
+        their_public: bytes,
+        root_key: bytes,
+        sending_chain: tuple[bytes, int],
+        receiving_chain: tuple[bytes | None, int],
+        previous_sending_length: int,
+        privates: list[bytes],
+    ) -> None:
+        model = DiffieHellmanRatchetModel(
+            own_ratchet_priv=own_private,
+            other_ratchet_pub=their_public,
+            root_chain=KDFChainModel(length=0, key=root_key),
+            symmetric_key_ratchet=SymmetricKeyRatchetModel(
+                receiving_chain=_chain(*receiving_chain),
+                sending_chain=_chain(*sending_chain),
+                previous_sending_chain_length=previous_sending_length,
+            ),
+        )
+        self._ratchet = _dh_ratchet_class(list(privates)).from_model(
+            model, _root_kdf(root_info), _MessageChainKDF, MESSAGE_CHAIN_CONSTANT, Peer.MAX_SKIP
+        )
+
+    def receive(
+        self, ratchet_public: bytes, previous_length: int, number: int
+    ) -> tuple[bytes, dict[tuple[bytes, int], bytes]]:
+        """The package's next decryption key for a message with this header, and
+        the message keys it skipped on the way, by (ratchet public key, number)."""
+        header = Header(
+            ratchet_pub=ratchet_public,
+            previous_sending_chain_length=previous_length,
+            sending_chain_length=number,
+        )
+        key, skipped = run(self._ratchet.next_decryption_key(header))
+        return key, dict(skipped)
+
+    @property
+    def model(self) -> DiffieHellmanRatchetModel:
+        """The whole state: own private key, their public key, root chain, and
+        the sending and receiving chains (key and length each)."""
+        return self._ratchet.model
