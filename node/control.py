@@ -8,6 +8,7 @@ and streams ``{"event": "message", ...}`` lines.  See docs/CONTROL.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,7 +23,9 @@ from pigeon.protocol import PigeonError
 
 log = logging.getLogger("pigeon.control")
 SOCKET_NAME = "control.sock"
-MAX_REQUEST = 64 * 1024
+# Room for the longest text (MAX_TEXT_BYTES) however JSON escapes it: at worst
+# six characters (a \uXXXX escape) for each byte.
+MAX_REQUEST = 1024 * 1024
 
 Handler = Callable[
     [dict[str, Any], Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[dict[str, Any] | None]
@@ -70,7 +73,7 @@ async def _client(stream: trio.SocketStream, handle: Handler) -> None:
                     return
                 buffer += chunk
                 if len(buffer) > MAX_REQUEST:
-                    await send({"ok": False, "error": "request too large"})
+                    await send({"ok": False, "error": f"request larger than {MAX_REQUEST:,} bytes"})
                     return
             line, buffer = buffer.split(b"\n", 1)
             try:
@@ -97,7 +100,8 @@ async def _client(stream: trio.SocketStream, handle: Handler) -> None:
 
 
 class Client:
-    """A blocking client, for the command line."""
+    """A blocking client, for the command line.  Every way the conversation
+    with the daemon can fail is a PigeonError with one line to show."""
 
     def __init__(self, home: Path, timeout: float | None = 30.0) -> None:
         self.path = home / SOCKET_NAME
@@ -110,22 +114,40 @@ class Client:
             raise DaemonNotRunning(
                 f"the Pigeon daemon is not running for {home} (start it: pigeon daemon)"
             ) from None
+        except OSError as error:
+            self.sock.close()
+            raise PigeonError(f"cannot reach the daemon's control socket: {error}") from None
         self.file = self.sock.makefile("rwb")
 
     def request(self, cmd: str, **args: Any) -> dict[str, Any]:
-        self.file.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-        self.file.flush()
+        line = json.dumps({"cmd": cmd, **args}).encode() + b"\n"
+        if len(line) > MAX_REQUEST:
+            raise PigeonError(f"request too large for the daemon ({len(line):,} bytes)")
+        try:
+            self.file.write(line)
+            self.file.flush()
+        except OSError as error:
+            raise PigeonError(f"lost the connection to the daemon: {error}") from None
         reply = self._read()
         if not reply.get("ok", False):
             raise PigeonError(str(reply.get("error", "the daemon refused the request")))
         return reply
 
     def _read(self) -> dict[str, Any]:
-        line = self.file.readline()
+        try:
+            line = self.file.readline()
+        except TimeoutError:
+            raise PigeonError("the daemon did not answer in time") from None
+        except OSError as error:
+            raise PigeonError(f"lost the connection to the daemon: {error}") from None
         if not line:
             raise PigeonError("the daemon closed the connection")
-        value = json.loads(line)
-        assert isinstance(value, dict)
+        try:
+            value = json.loads(line)
+        except ValueError:
+            raise PigeonError("the daemon sent something that is not JSON") from None
+        if not isinstance(value, dict):
+            raise PigeonError("the daemon sent something unexpected")
         return value
 
     def events(self) -> Iterator[dict[str, Any]]:
@@ -133,5 +155,7 @@ class Client:
             yield self._read()
 
     def close(self) -> None:
-        self.file.close()
+        # the daemon may have gone away first: nothing is lost by not flushing
+        with contextlib.suppress(OSError):
+            self.file.close()
         self.sock.close()

@@ -1,15 +1,28 @@
-"""Conversations over the database: identities, contacts, sessions, messages.
+"""Conversations over the database: our identity, sessions, the outgoing
+queue and what arrives.
 
-Everything here is synchronous and touches only the database and the
-protocol core, so it can be tested without a network.  The rule that keeps
-messages safe: a ratchet step and what it produced (a message row, an outbox
-entry, a received-envelope mark) are committed in one transaction, and
-sessions are always re-read from the database, never kept ahead of it.
+Synchronous; it touches only the database and the protocol core, so it is
+tested without a network.  The rules that keep messages safe:
+
+- A ratchet step and what it produced (an outbox envelope, a received
+  envelope, a message row) commit in one transaction; sessions are re-read
+  from the database, never kept ahead of it.
+- Every outgoing message waits in ``pending_out`` until it is encrypted in
+  the contact's active session.  Durable kinds (texts) stay there until the
+  contact confirms them with a delivery receipt, so when a new session
+  replaces the one they were sent in (the contact lost theirs, or could not
+  read ours, or started one of their own without answering ours) they are
+  encrypted again in the new one.  The contact drops the copies it already
+  has by message ID.
+- A status is a promise: ``pending`` (queued; ``reason`` says for what when it
+  waits), ``sent`` (a peer, the contact's node or a mailbox, stored it),
+  ``delivered`` (the contact decrypted it), ``read``, ``failed`` (``reason``
+  says why; a failed message is sent again when the contact is next in
+  touch, at most :data:`MAX_AUTO_RESENDS` times).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -17,74 +30,90 @@ from dataclasses import dataclass
 
 from pigeon.protocol import (
     AppMessage,
-    ContactCode,
+    Content,
     DecryptError,
     DirectoryRecord,
     IdentityKeyPair,
     IncomingMessage,
     OneTimePrekey,
     PigeonError,
-    ProtocolError,
+    Random,
     Receipt,
     ReceiptType,
+    ResetReason,
     Session,
-    SignedPrekey,
+    SessionReset,
     Text,
+    check_text,
     open_envelope,
     seal,
 )
-from pigeon.protocol.crypto import Random, sha256, x25519_keypair
-from pigeon.protocol.keys import identity_id
+from pigeon.protocol.frames import digest
 
+from .contacts import ContactBook, UnknownContact, short_id
+from .prekeys import Prekeys
 from .storage import Database
 
 log = logging.getLogger("pigeon.conversations")
 
-SIGNED_PREKEY_LIFETIME = 7 * 24 * 3600
-RETIRED_PREKEY_KEPT = 14 * 24 * 3600
+Clock = Callable[[], float]
+
+# Kinds the contact must confirm; they are shown in the conversation and sent
+# again in a new session until confirmed.  File offers join when they land.
+DURABLE: tuple[type, ...] = (Text,)
+MESSAGE_TTL = 30 * 24 * 3600  # as long as a mailbox keeps an envelope
+MAX_AUTO_RESENDS = 3  # times a refused message is sent again automatically
+RESET_INTERVAL = 60  # seconds between two session resets asked of one contact
 
 
-class UnknownContact(PigeonError):
-    pass
+class NoSession(PigeonError):
+    """Messages wait for a contact we have no session with and no record to start one."""
 
 
-class NoRoute(PigeonError):
-    """We do not (yet) know how to reach this contact."""
+class NotAContact(DecryptError):
+    """An envelope from an identity we have not added.  Outside, it is the same
+    opaque refusal as any envelope we cannot read: a stranger learns nothing."""
+
+
+class Undecryptable(DecryptError):
+    """An authentic envelope from a contact that no session of ours can read."""
+
+    def __init__(self, sender: bytes) -> None:
+        super().__init__()
+        self.sender = sender
 
 
 @dataclass(frozen=True)
-class Contact:
-    identity_key: bytes
-    identity_id: str
-    name: str
-    alias: str | None
-    last_seen: int | None
-    record: DirectoryRecord | None
-
-    @property
-    def label(self) -> str:
-        return self.alias or self.name
-
-
-@dataclass(frozen=True)
-class Delivered:
-    """What accepting an envelope produced."""
+class Incoming:
+    """A decrypted message, as handlers see it."""
 
     sender: bytes
-    message: AppMessage | None  # None for a duplicate or an ignorable kind
-    duplicate: bool = False
+    app: AppMessage
+    session: bytes  # the base key of the session it arrived in
+    new_session: bool  # the sender started that session with this message
 
 
-def now_s() -> int:
-    return int(time.time())
+@dataclass(frozen=True)
+class Accepted:
+    """What accepting one envelope gave."""
+
+    sender: bytes
+    app: AppMessage | None  # None: we had this very envelope already
+    new: bool  # the message was new to us (False for a copy sent again)
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
+# A handler stores what an incoming kind means, inside the transaction that
+# stores the envelope, and says whether the message was new to us.
+Handler = Callable[[Incoming], bool]
+
+
+def _shown_text(content: Content) -> str | None:
+    """What a durable message shows in the conversation."""
+    return content.text if isinstance(content, Text) else None
 
 
 class Conversations:
-    def __init__(self, db: Database, random: Random, clock: Callable[[], int] = now_s) -> None:
+    def __init__(self, db: Database, random: Random, clock: Clock = time.time) -> None:
         self.db = db
         self.random = random
         self.clock = clock
@@ -93,6 +122,23 @@ class Conversations:
             raise PigeonError("this database holds no identity (run: pigeon init)")
         self.identity = IdentityKeyPair(seed)
         self.name = (db.get_meta("name") or b"").decode()
+        self.contacts = ContactBook(db)
+        self.prekeys = Prekeys(db, self.identity, random, self.now)
+        self._handlers: dict[type, Handler] = {
+            Text: self._on_text,
+            Receipt: self._on_receipt,
+            SessionReset: self._on_reset,
+        }
+
+    def now(self) -> int:
+        return int(self.clock())
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def handle(self, kind: type, handler: Handler) -> None:
+        """Route incoming messages of ``kind`` to ``handler`` (the seam for new kinds)."""
+        self._handlers[kind] = handler
 
     # -- setup ----------------------------------------------------------------
 
@@ -116,173 +162,7 @@ class Conversations:
             self.db.set_meta("record_sequence", str(sequence).encode())
         return sequence
 
-    # -- signed prekeys -----------------------------------------------------------
-
-    def current_signed_prekey(self) -> SignedPrekey:
-        """The signed prekey to publish, rotated when older than 7 days."""
-        now = self.clock()
-        with self.db.transaction():
-            row = self.db.one(
-                "SELECT id, public, created_at FROM signed_prekeys "
-                "WHERE retired_at IS NULL ORDER BY id DESC LIMIT 1"
-            )
-            if row is not None and now - row[2] < SIGNED_PREKEY_LIFETIME:
-                return SignedPrekey(row[0], bytes(row[1]), row[2])
-            if row is not None:
-                self.db.execute(
-                    "UPDATE signed_prekeys SET retired_at = ? WHERE id = ?", (now, row[0])
-                )
-            self.db.execute(
-                "DELETE FROM signed_prekeys WHERE retired_at IS NOT NULL AND retired_at < ?",
-                (now - RETIRED_PREKEY_KEPT,),
-            )
-            private, public = x25519_keypair(self.random)
-            prekey_id = (row[0] if row else 0) + 1
-            self.db.execute(
-                "INSERT INTO signed_prekeys (id, private, public, created_at) VALUES (?, ?, ?, ?)",
-                (prekey_id, private, public, now),
-            )
-            return SignedPrekey(prekey_id, public, now)
-
-    def _signed_prekey_private(self, prekey_id: int) -> bytes | None:
-        row = self.db.one("SELECT private FROM signed_prekeys WHERE id = ?", (prekey_id,))
-        return None if row is None else bytes(row[0])
-
-    def new_one_time_prekeys(self, count: int, mailbox: bytes) -> list[OneTimePrekey]:
-        """Make ``count`` one-time prekeys to leave with ``mailbox``; keep their private keys."""
-        with self.db.transaction():
-            first = int(self.db.one("SELECT coalesce(max(id), 0) FROM one_time_prekeys")[0]) + 1
-            prekeys = []
-            for prekey_id in range(first, first + count):
-                prekey, private = OneTimePrekey.create(self.identity, prekey_id, self.random)
-                self.db.execute(
-                    "INSERT INTO one_time_prekeys (id, private, public, signature, created_at,"
-                    " mailbox) VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        prekey_id,
-                        private,
-                        prekey.public_key,
-                        prekey.signature,
-                        self.clock(),
-                        mailbox,
-                    ),
-                )
-                prekeys.append(prekey)
-        return prekeys
-
-    def _one_time_prekey_private(self, prekey_id: int) -> bytes | None:
-        row = self.db.one("SELECT private FROM one_time_prekeys WHERE id = ?", (prekey_id,))
-        return None if row is None else bytes(row[0])
-
-    # -- contacts --------------------------------------------------------------------
-
-    def add_contact(self, code: ContactCode, alias: str | None = None) -> Contact:
-        if code.identity_key == self.identity.public_key:
-            raise PigeonError("that is your own contact code")
-        key = code.identity_key
-        existing = self.db.one("SELECT alias FROM contacts WHERE identity_key = ?", (key,))
-        with self.db.transaction():
-            if alias is not None:
-                clash = self.db.one(
-                    "SELECT 1 FROM contacts WHERE alias = ? AND identity_key != ?", (alias, key)
-                )
-                if clash:
-                    raise PigeonError(f"another contact is already called {alias!r}")
-            if existing is None:
-                self.db.execute(
-                    "INSERT INTO contacts (identity_key, identity_id, name, alias, hint_addresses,"
-                    " added_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        key,
-                        identity_id(key).hex(),
-                        code.name,
-                        alias,
-                        json.dumps(list(code.addresses)),
-                        self.clock(),
-                    ),
-                )
-            else:
-                self.db.execute(
-                    "UPDATE contacts SET name = ?, alias = coalesce(?, alias), hint_addresses = ?"
-                    " WHERE identity_key = ?",
-                    (code.name, alias, json.dumps(list(code.addresses)), key),
-                )
-        return self.contact(key)
-
-    def _contact_from_row(self, row: tuple) -> Contact:  # type: ignore[type-arg]
-        record = None
-        if row[5] is not None:
-            try:
-                record = DirectoryRecord.verify(bytes(row[5]), now=None, identity_key=bytes(row[0]))
-            except ProtocolError:
-                record = None
-        return Contact(bytes(row[0]), row[1], row[2], row[3], row[4], record)
-
-    _CONTACT_COLUMNS = "identity_key, identity_id, name, alias, last_seen, record"
-
-    def contact(self, key: bytes) -> Contact:
-        row = self.db.one(
-            f"SELECT {self._CONTACT_COLUMNS} FROM contacts WHERE identity_key = ?", (key,)
-        )
-        if row is None:
-            raise UnknownContact("unknown contact")
-        return self._contact_from_row(row)
-
-    def find_contact(self, name: str) -> Contact:
-        """By alias, name, identity ID (or a unique prefix of it) or contact code."""
-        if name.startswith("pigeon:"):
-            return self.contact(ContactCode.parse(name).identity_key)
-        rows = self.db.all(
-            f"SELECT {self._CONTACT_COLUMNS} FROM contacts WHERE alias = ? OR name = ? "
-            "OR identity_id = ?",
-            (name, name, name.lower()),
-        )
-        if not rows and len(name) >= 6:
-            rows = self.db.all(
-                f"SELECT {self._CONTACT_COLUMNS} FROM contacts WHERE identity_id LIKE ?",
-                (name.lower() + "%",),
-            )
-        if len(rows) > 1:
-            exact = [r for r in rows if r[3] == name]
-            if len(exact) == 1:
-                rows = exact
-            else:
-                raise UnknownContact(f"{name!r} matches several contacts; use an alias or ID")
-        if not rows:
-            raise UnknownContact(f"unknown contact {name!r} (see: pigeon contacts list)")
-        return self._contact_from_row(rows[0])
-
-    def contacts(self) -> list[Contact]:
-        return [
-            self._contact_from_row(r)
-            for r in self.db.all(f"SELECT {self._CONTACT_COLUMNS} FROM contacts ORDER BY name")
-        ]
-
-    def hint_addresses(self, key: bytes) -> list[str]:
-        row = self.db.one("SELECT hint_addresses FROM contacts WHERE identity_key = ?", (key,))
-        return [] if row is None else list(json.loads(row[0]))
-
-    def store_record(self, key: bytes, data: bytes) -> DirectoryRecord | None:
-        """Keep a verified record for a contact unless we hold a newer one."""
-        record = DirectoryRecord.verify(data, now=self.clock(), identity_key=key)
-        with self.db.transaction():
-            row = self.db.one("SELECT record_sequence FROM contacts WHERE identity_key = ?", (key,))
-            if row is None:
-                raise UnknownContact("unknown contact")
-            if record.sequence < row[0]:
-                return None
-            self.db.execute(
-                "UPDATE contacts SET record = ?, record_sequence = ? WHERE identity_key = ?",
-                (data, record.sequence, key),
-            )
-        return record
-
-    def saw(self, key: bytes) -> None:
-        self.db.execute(
-            "UPDATE contacts SET last_seen = ? WHERE identity_key = ?", (self.clock(), key)
-        )
-
-    # -- sending --------------------------------------------------------------------------
+    # -- sessions ---------------------------------------------------------------
 
     def _active_session(self, key: bytes) -> Session | None:
         row = self.db.one(
@@ -291,7 +171,6 @@ class Conversations:
         return None if row is None else Session.deserialize(bytes(row[0]), self.random)
 
     def _save_session(self, session: Session, *, active: bool | None = None) -> None:
-        now = self.clock()
         if active:
             self.db.execute(
                 "UPDATE sessions SET active = 0 WHERE identity_key = ? AND base_key != ?",
@@ -302,71 +181,136 @@ class Conversations:
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT (base_key) DO UPDATE SET state = excluded.state,"
             " updated_at = excluded.updated_at"
             + (", active = excluded.active" if active is not None else ""),
-            (session.base_key, session.remote_key, session.serialize(), int(bool(active)), now),
+            (
+                session.base_key,
+                session.remote_key,
+                session.serialize(),
+                int(bool(active)),
+                self.now(),
+            ),
         )
 
-    def needs_bundle(self, key: bytes) -> bool:
-        return self._active_session(key) is None
+    def _resend_undelivered(self, key: bytes) -> None:
+        """Encrypt every unconfirmed durable message again, in whatever session
+        is active when they go out next."""
+        self.db.execute(
+            "UPDATE pending_out SET session = NULL WHERE contact = ? AND durable = 1", (key,)
+        )
+
+    # -- sending --------------------------------------------------------------------
 
     def _next_lamport(self, key: bytes) -> int:
         row = self.db.one("SELECT lamport FROM contacts WHERE identity_key = ?", (key,))
+        if row is None:
+            raise UnknownContact("unknown contact")
         lamport = int(row[0]) + 1
         self.db.execute("UPDATE contacts SET lamport = ? WHERE identity_key = ?", (lamport, key))
         return lamport
 
-    def _enqueue(
-        self,
-        key: bytes,
-        app: AppMessage,
-        record: DirectoryRecord | None,
-        one_time_prekey: OneTimePrekey | None = None,
-    ) -> bytes:
-        """Encrypt ``app`` for ``key`` and queue the envelope (inside a transaction)."""
-        session = self._active_session(key)
-        if session is None:
-            if record is None:
-                raise NoRoute("no session and no directory record for this contact yet")
-            session = Session.initiate(self.identity, record.bundle(one_time_prekey), self.random)
-            new = True
-        else:
-            new = False
-        envelope = seal(self.identity, key, session.encrypt(app.encode()), self.random)
-        self._save_session(session, active=True if new else None)
-        digest = sha256(envelope)
-        self.db.execute(
-            "INSERT INTO outbox (digest, contact, message_id, envelope) VALUES (?, ?, ?, ?)",
-            (digest, key, app.message_id, envelope),
-        )
-        return digest
+    def send(self, key: bytes, content: Content) -> AppMessage:
+        """The one way to send anything: queue ``content`` for the contact.
 
-    def send_text(
-        self,
-        key: bytes,
-        text: str,
-        record: DirectoryRecord | None = None,
-        one_time_prekey: OneTimePrekey | None = None,
-    ) -> AppMessage:
-        """Queue a text: the message row, ratchet step and envelope commit together."""
+        Nothing is encrypted here; the node's courier encrypts the queue in the
+        contact's session (starting one when needed) and delivers it.
+        """
+        durable = isinstance(content, DURABLE)
         with self.db.transaction():
             app = AppMessage.new(
-                Text(text), lamport=self._next_lamport(key), sent_at_ms=now_ms(), random=self.random
+                content,
+                lamport=self._next_lamport(key),
+                sent_at_ms=self.now_ms(),
+                random=self.random,
             )
-            self._enqueue(key, app, record, one_time_prekey)
             self.db.execute(
-                "INSERT INTO messages (id, contact, direction, text, lamport, sent_at, status)"
-                " VALUES (?, ?, 'out', ?, ?, ?, 'pending')",
-                (app.message_id, key, text, app.lamport, app.sent_at_ms),
+                "INSERT INTO pending_out (message_id, contact, app, lamport, durable, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (app.message_id, key, app.encode(), app.lamport, int(durable), self.now()),
             )
+            shown = _shown_text(content)
+            if shown is not None:
+                self.db.execute(
+                    "INSERT INTO messages (id, contact, direction, text, lamport, sent_at, status)"
+                    " VALUES (?, ?, 'out', ?, ?, ?, 'pending')",
+                    (app.message_id, key, shown, app.lamport, app.sent_at_ms),
+                )
         return app
 
-    def _enqueue_receipt(self, key: bytes, kind: ReceiptType, ids: list[bytes]) -> None:
-        app = AppMessage.new(
-            Receipt(kind, tuple(ids)),
-            lamport=self._next_lamport(key),
-            sent_at_ms=now_ms(),
-            random=self.random,
+    def send_text(self, key: bytes, text: str) -> AppMessage:
+        check_text(text)
+        return self.send(key, Text(text))
+
+    def _unencrypted(self, key: bytes) -> list[tuple[bytes, bytes, bool]]:
+        """(message ID, encoded message, durable) for what is not yet encrypted in
+        the active session, in conversation order."""
+        row = self.db.one(
+            "SELECT base_key FROM sessions WHERE identity_key = ? AND active = 1", (key,)
         )
-        self._enqueue(key, app, None)
+        active = None if row is None else bytes(row[0])
+        return [
+            (bytes(r[0]), bytes(r[1]), bool(r[2]))
+            for r in self.db.all(
+                "SELECT message_id, app, durable FROM pending_out WHERE contact = ?"
+                " AND (session IS NULL OR session IS NOT ?) ORDER BY lamport, message_id",
+                (key, active),
+            )
+        ]
+
+    def needs_session(self, key: bytes) -> bool:
+        """Messages wait to be encrypted and there is no session to do it in."""
+        return bool(self._unencrypted(key)) and self._active_session(key) is None
+
+    def encrypt_queued(
+        self,
+        key: bytes,
+        record: DirectoryRecord | None = None,
+        one_time_prekey: OneTimePrekey | None = None,
+    ) -> int:
+        """Encrypt into the outbox everything not yet encrypted in the active
+        session; with no session, start one from ``record`` (the caller made
+        sure it is current).  Returns how many messages were encrypted."""
+        with self.db.transaction():
+            rows = self._unencrypted(key)
+            if not rows:
+                return 0
+            session = self._active_session(key)
+            new = session is None
+            if session is None:
+                if record is None:
+                    raise NoSession("no session with this contact and no record to start one")
+                session = Session.initiate(
+                    self.identity, record.bundle(one_time_prekey), self.random
+                )
+            for message_id, app, durable in rows:
+                envelope = seal(self.identity, key, session.encrypt(app), self.random)
+                # a copy encrypted in a session that was replaced will never be read
+                self.db.execute("DELETE FROM outbox WHERE message_id = ?", (message_id,))
+                self.db.execute(
+                    "INSERT INTO outbox (digest, contact, message_id, envelope)"
+                    " VALUES (?, ?, ?, ?)",
+                    (digest(envelope), key, message_id, envelope),
+                )
+                if durable:
+                    self.db.execute(
+                        "UPDATE pending_out SET session = ? WHERE message_id = ?",
+                        (session.base_key, message_id),
+                    )
+                    self.db.execute(
+                        "UPDATE messages SET status = 'pending', reason = NULL"
+                        " WHERE id = ? AND status = 'failed'",
+                        (message_id,),
+                    )
+                else:
+                    self.db.execute("DELETE FROM pending_out WHERE message_id = ?", (message_id,))
+            self._save_session(session, active=True if new else None)
+        return len(rows)
+
+    def note_waiting(self, key: bytes, reason: str | None) -> None:
+        """Say what this contact's pending messages wait for (None: nothing)."""
+        self.db.execute(
+            "UPDATE messages SET reason = ? WHERE contact = ? AND direction = 'out'"
+            " AND status = 'pending'",
+            (reason, key),
+        )
 
     def pending_envelopes(self, key: bytes, limit: int = 1000) -> list[tuple[bytes, bytes]]:
         return [
@@ -377,72 +321,152 @@ class Conversations:
             )
         ]
 
-    def contacts_with_pending(self) -> list[bytes]:
-        return [bytes(r[0]) for r in self.db.all("SELECT DISTINCT contact FROM outbox")]
+    def contacts_with_work(self) -> list[bytes]:
+        """Contacts with envelopes to deliver or messages to encrypt."""
+        return [
+            bytes(r[0])
+            for r in self.db.all(
+                "SELECT contact FROM outbox UNION SELECT p.contact FROM pending_out p"
+                " WHERE p.session IS NULL OR NOT EXISTS (SELECT 1 FROM sessions s"
+                " WHERE s.base_key = p.session AND s.active = 1)"
+            )
+        ]
 
-    def acknowledged(self, digests: list[bytes]) -> None:
-        """The recipient (or a mailbox) holds these envelopes: forget them."""
+    def has_work(self, key: bytes) -> bool:
+        """Envelopes to deliver or messages to encrypt for this contact."""
+        return bool(self.pending_envelopes(key, limit=1) or self._unencrypted(key))
+
+    def stored(self, digests: list[bytes]) -> None:
+        """A peer (the contact's node or a mailbox) holds these envelopes."""
         with self.db.transaction():
-            for digest in digests:
-                row = self.db.one("SELECT message_id FROM outbox WHERE digest = ?", (digest,))
-                if row is None:
-                    continue
-                self.db.execute("DELETE FROM outbox WHERE digest = ?", (digest,))
-                if row[0] is not None:
-                    self.db.execute(
-                        "UPDATE messages SET status = 'sent' WHERE id = ? AND status = 'pending'",
-                        (row[0],),
-                    )
+            for message_id in self._take_from_outbox(digests):
+                self.db.execute(
+                    "UPDATE messages SET status = 'sent', reason = NULL"
+                    " WHERE id = ? AND status = 'pending'",
+                    (message_id,),
+                )
+
+    def refused(self, digests: list[bytes], reason: str) -> None:
+        """The contact's node will never accept these envelopes."""
+        with self.db.transaction():
+            for message_id in self._take_from_outbox(digests):
+                self.db.execute(
+                    "UPDATE messages SET status = 'failed', reason = ?"
+                    " WHERE id = ? AND status IN ('pending', 'sent')",
+                    (reason, message_id),
+                )
+
+    def _take_from_outbox(self, digests: list[bytes]) -> list[bytes]:
+        taken = []
+        for envelope_digest in digests:
+            row = self.db.one("SELECT message_id FROM outbox WHERE digest = ?", (envelope_digest,))
+            if row is None:
+                continue  # settled already, or replaced by a copy in a newer session
+            self.db.execute("DELETE FROM outbox WHERE digest = ?", (envelope_digest,))
+            taken.append(bytes(row[0]))
+        return taken
+
+    def retry_failed(self, key: bytes) -> int:
+        """The contact is in touch: send failed messages again (a few times at most)."""
+        cursor = self.db.execute(
+            "UPDATE pending_out SET session = NULL, resends = resends + 1"
+            " WHERE contact = ? AND resends < ? AND message_id IN"
+            " (SELECT id FROM messages WHERE contact = ? AND status = 'failed')",
+            (key, MAX_AUTO_RESENDS, key),
+        )
+        return int(cursor.rowcount)
+
+    def expire_undelivered(self) -> int:
+        """Give up on messages the contact has not confirmed in 30 days."""
+        cutoff = self.now() - MESSAGE_TTL
+        with self.db.transaction():
+            ids = [
+                bytes(r[0])
+                for r in self.db.all(
+                    "SELECT message_id FROM pending_out WHERE created_at < ?", (cutoff,)
+                )
+            ]
+            for message_id in ids:
+                self.db.execute("DELETE FROM pending_out WHERE message_id = ?", (message_id,))
+                self.db.execute("DELETE FROM outbox WHERE message_id = ?", (message_id,))
+                self.db.execute(
+                    "UPDATE messages SET status = 'failed', reason = ?"
+                    " WHERE id = ? AND status IN ('pending', 'sent', 'failed')",
+                    ("not delivered within 30 days", message_id),
+                )
+        return len(ids)
 
     # -- receiving ------------------------------------------------------------------------
 
-    def accept_envelopes(self, envelopes: list[bytes]) -> list[Delivered | PigeonError]:
+    def accept_envelopes(self, envelopes: list[bytes]) -> list[Accepted | PigeonError]:
         """Open, decrypt and store a batch of envelopes in one transaction.
 
         Each envelope is all-or-nothing on its own (a savepoint): one that is
-        not valid for us is returned as its error and leaves no trace.  Texts
-        are answered with one delivery receipt per sender, queued in the same
-        transaction, so a crash never leaves a stored message unreceipted.
+        not valid for us is returned as its error and leaves no trace.  In the
+        same transaction: one delivery receipt per sender for the durable
+        messages of the batch (copies sent again included, so a lost receipt
+        is made good), a session reset for a contact whose envelopes no
+        session can read, and another try for failed messages to a contact
+        who is evidently in touch.
         """
-        results: list[Delivered | PigeonError] = []
-        texts: dict[bytes, list[bytes]] = {}
+        results: list[Accepted | PigeonError] = []
+        receipts: dict[bytes, list[bytes]] = {}
+        unreadable: dict[bytes, int] = {}
         with self.db.transaction():
             for envelope in envelopes:
                 try:
                     with self.db.savepoint():
                         result = self._accept(envelope)
+                except Undecryptable as error:
+                    unreadable[error.sender] = unreadable.get(error.sender, 0) + 1
+                    results.append(error)
+                    continue
                 except PigeonError as error:
                     results.append(error)
                     continue
                 results.append(result)
-                if result.message is not None and isinstance(result.message.content, Text):
-                    texts.setdefault(result.sender, []).append(result.message.message_id)
-            for sender, ids in texts.items():
-                self._enqueue_receipt(sender, ReceiptType.DELIVERED, ids)
+                if result.app is not None and isinstance(result.app.content, DURABLE):
+                    receipts.setdefault(result.sender, []).append(result.app.message_id)
+            for sender, ids in receipts.items():
+                self.send(sender, Receipt(ReceiptType.DELIVERED, tuple(ids)))
+            for sender in {r.sender for r in results if isinstance(r, Accepted) and r.new}:
+                self.retry_failed(sender)
+            for sender, count in unreadable.items():
+                self._ask_for_reset(sender, count)
         return results
 
-    def _accept(self, envelope: bytes) -> Delivered:
-        digest = sha256(envelope)
-        if self.db.one("SELECT 1 FROM received_envelopes WHERE digest = ?", (digest,)):
-            return Delivered(b"", None, duplicate=True)
+    def _accept(self, envelope: bytes) -> Accepted:
+        envelope_digest = digest(envelope)
+        if self.db.one("SELECT 1 FROM received_envelopes WHERE digest = ?", (envelope_digest,)):
+            return Accepted(b"", None, new=False)
         opened = open_envelope(self.identity, envelope)
         sender = opened.sender_key
-        if self.db.one("SELECT 1 FROM contacts WHERE identity_key = ?", (sender,)) is None:
-            raise DecryptError("envelope from an identity that is not a contact")
-        plaintext = self._decrypt(sender, IncomingMessage.decode(opened.payload))
+        if not self.contacts.exists(sender):
+            raise NotAContact()
+        incoming = IncomingMessage.decode(opened.payload)
+        try:
+            plaintext, session, new_session = self._decrypt(sender, incoming)
+        except DecryptError:
+            raise Undecryptable(sender) from None
         self.db.execute(
             "INSERT INTO received_envelopes (digest, received_at) VALUES (?, ?)",
-            (digest, self.clock()),
+            (envelope_digest, self.now()),
         )
         app = AppMessage.decode(plaintext)
-        stored = self._store_incoming(sender, app)
+        handler = self._handlers.get(type(app.content))
+        if handler is None:
+            log.info("ignored a message of kind %s", type(app.content).__name__)
+            new = True
+        else:
+            new = handler(Incoming(sender, app, session, new_session))
         self.db.execute(
             "UPDATE contacts SET last_seen = ?, lamport = max(lamport, ?) WHERE identity_key = ?",
-            (self.clock(), app.lamport, sender),
+            (self.now(), app.lamport, sender),
         )
-        return Delivered(sender, app if stored else None, duplicate=not stored)
+        return Accepted(sender, app, new)
 
-    def _decrypt(self, sender: bytes, incoming: IncomingMessage) -> bytes:
+    def _decrypt(self, sender: bytes, incoming: IncomingMessage) -> tuple[bytes, bytes, bool]:
+        """(plaintext, base key of its session, whether it started that session)."""
         header = incoming.prekey
         if header is not None:
             if header.identity_key != sender:
@@ -455,20 +479,28 @@ class Conversations:
                 session = Session.deserialize(bytes(row[0]), self.random)
                 plaintext = session.decrypt(incoming)
                 self._save_session(session)
-                return plaintext
+                return plaintext, session.base_key, False
             session, plaintext = Session.respond(
                 self.identity,
                 incoming,
-                self._signed_prekey_private,
-                self._one_time_prekey_private,
+                self.prekeys.signed_private,
+                self.prekeys.one_time_private,
                 self.random,
             )
             if header.one_time_prekey_id:
-                self.db.execute(
-                    "DELETE FROM one_time_prekeys WHERE id = ?", (header.one_time_prekey_id,)
-                )
-            self._save_session(session, active=not self._we_win_simultaneous_start(sender))
-            return plaintext
+                self.prekeys.used_one_time(header.one_time_prekey_id)
+            ours = self._active_session(sender)
+            if ours is not None and ours.pending is not None:
+                # The contact started a session instead of answering ours: it may
+                # never have read what we sent in ours.
+                self._resend_undelivered(sender)
+            # Both started at once: the session started by the lower identity key
+            # wins on both sides, so they converge on one.
+            we_win = (
+                ours is not None and ours.pending is not None and self.identity.public_key < sender
+            )
+            self._save_session(session, active=not we_win)
+            return plaintext, session.base_key, True
         rows = self.db.all(
             "SELECT state FROM sessions WHERE identity_key = ?"
             " ORDER BY active DESC, updated_at DESC",
@@ -481,40 +513,85 @@ class Conversations:
             except DecryptError:
                 continue
             self._save_session(session)
-            return plaintext
+            return plaintext, session.base_key, False
         raise DecryptError()
 
-    def _we_win_simultaneous_start(self, sender: bytes) -> bool:
-        """Both sides started a session at once: the one started by the lower
-        identity key wins on both sides, so they converge on one session."""
-        ours = self._active_session(sender)
-        return ours is not None and ours.pending is not None and self.identity.public_key < sender
+    def _ask_for_reset(self, sender: bytes, count: int) -> None:
+        """A contact sent envelopes no session of ours can read: start a fresh
+        session and say so in it; they use it and send again what we have not
+        confirmed.  At most one reset a minute per contact."""
+        row = self.db.one("SELECT reset_at FROM contacts WHERE identity_key = ?", (sender,))
+        now = self.now()
+        if row is None or (row[0] is not None and now - int(row[0]) < RESET_INTERVAL):
+            return
+        log.warning(
+            "could not read %d envelope(s) from contact %s: starting a new session",
+            count,
+            short_id(sender),
+        )
+        self.db.execute("UPDATE contacts SET reset_at = ? WHERE identity_key = ?", (now, sender))
+        self.db.execute("UPDATE sessions SET active = 0 WHERE identity_key = ?", (sender,))
+        self._resend_undelivered(sender)
+        self.send(sender, SessionReset(ResetReason.UNDECRYPTABLE, count))
 
-    def _store_incoming(self, sender: bytes, app: AppMessage) -> bool:
-        content = app.content
-        if isinstance(content, Text):
-            exists = self.db.one("SELECT 1 FROM messages WHERE id = ?", (app.message_id,))
-            if exists:
-                return False
+    # -- what incoming kinds mean -----------------------------------------------------------
+
+    def _on_text(self, item: Incoming) -> bool:
+        content = item.app.content
+        assert isinstance(content, Text)
+        if self.db.one("SELECT 1 FROM messages WHERE id = ?", (item.app.message_id,)):
+            return False
+        self.db.execute(
+            "INSERT INTO messages (id, contact, direction, text, lamport, sent_at,"
+            " received_at, status) VALUES (?, ?, 'in', ?, ?, ?, ?, 'received')",
+            (
+                item.app.message_id,
+                item.sender,
+                content.text,
+                item.app.lamport,
+                item.app.sent_at_ms,
+                self.now_ms(),
+            ),
+        )
+        return True
+
+    def _on_receipt(self, item: Incoming) -> bool:
+        content = item.app.content
+        assert isinstance(content, Receipt)
+        if content.receipt_type == ReceiptType.DELIVERED:
+            status, earlier = "delivered", ("pending", "sent", "failed")
+        else:
+            status, earlier = "read", ("pending", "sent", "failed", "delivered")
+        marks = ", ".join("?" * len(earlier))
+        for message_id in content.message_ids:
             self.db.execute(
-                "INSERT INTO messages (id, contact, direction, text, lamport, sent_at,"
-                " received_at, status) VALUES (?, ?, 'in', ?, ?, ?, ?, 'received')",
-                (app.message_id, sender, content.text, app.lamport, app.sent_at_ms, now_ms()),
+                f"UPDATE messages SET status = ?, reason = NULL WHERE id = ? AND contact = ?"
+                f" AND direction = 'out' AND status IN ({marks})",
+                (status, message_id, item.sender, *earlier),
             )
-            return True
-        if isinstance(content, Receipt):
-            status = "delivered" if content.receipt_type == ReceiptType.DELIVERED else "read"
-            earlier = (
-                ("pending", "sent") if status == "delivered" else ("pending", "sent", "delivered")
+            self.db.execute(
+                "DELETE FROM pending_out WHERE message_id = ? AND contact = ?",
+                (message_id, item.sender),
             )
-            for message_id in content.message_ids:
-                self.db.execute(
-                    "UPDATE messages SET status = ? WHERE id = ? AND contact = ?"
-                    f" AND direction = 'out' AND status IN ({', '.join('?' * len(earlier))})",
-                    (status, message_id, sender, *earlier),
-                )
-            return True
-        log.info("ignored a message of kind %s from %s", type(content).__name__, sender.hex()[:8])
+            self.db.execute(
+                "DELETE FROM outbox WHERE message_id = ? AND contact = ?",
+                (message_id, item.sender),
+            )
+        return True
+
+    def _on_reset(self, item: Incoming) -> bool:
+        content = item.app.content
+        assert isinstance(content, SessionReset)
+        log.warning(
+            "contact %s could not read %d of our envelope(s): sending again in a new session",
+            short_id(item.sender),
+            content.failed,
+        )
+        self.db.execute(
+            "UPDATE sessions SET active = (base_key = ?) WHERE identity_key = ?",
+            (item.session, item.sender),
+        )
+        self._resend_undelivered(item.sender)
         return True
 
     # -- reading --------------------------------------------------------------------------------
@@ -522,7 +599,7 @@ class Conversations:
     def inbox(self, key: bytes | None = None, after: int = 0) -> list[dict[str, object]]:
         sql = (
             "SELECT m.rowid, m.id, m.contact, c.identity_id, coalesce(c.alias, c.name), m.text,"
-            " m.sent_at, m.received_at, m.direction, m.status, m.lamport"
+            " m.sent_at, m.received_at, m.direction, m.status, m.lamport, m.reason"
             " FROM messages m JOIN contacts c ON c.identity_key = m.contact WHERE m.rowid > ?"
         )
         params: tuple[object, ...] = (after,)
@@ -530,53 +607,53 @@ class Conversations:
             sql += " AND m.contact = ?"
             params += (key,)
         sql += " ORDER BY m.contact, m.lamport, m.id"
+        me = self.identity.identity_id.hex()
         out = []
         for row in self.db.all(sql, params):
+            outgoing = row[8] == "out"
             out.append(
                 {
                     "seq": row[0],
                     "id": bytes(row[1]).hex(),
-                    "from": self.identity.identity_id.hex() if row[8] == "out" else row[3],
-                    "from_name": self.name if row[8] == "out" else row[4],
-                    "to": row[3] if row[8] == "out" else self.identity.identity_id.hex(),
+                    "from": me if outgoing else row[3],
+                    "from_name": self.name if outgoing else row[4],
+                    "to": row[3] if outgoing else me,
                     "contact_name": row[4],
                     "text": row[5],
                     "sent_at": row[6] / 1000,
                     "received_at": None if row[7] is None else row[7] / 1000,
                     "direction": row[8],
                     "status": row[9],
+                    "reason": row[11],
                     "lamport": row[10],
                 }
             )
         return out
 
-    def statuses(self, ids: list[str]) -> dict[str, str]:
-        """Current status of the given message IDs (hex)."""
+    def statuses(self, ids: list[str]) -> dict[str, tuple[str, str | None]]:
+        """(status, reason) of the given message IDs (hex)."""
         out = {}
         for message_id in ids:
             row = self.db.one(
-                "SELECT status FROM messages WHERE id = ?", (bytes.fromhex(message_id),)
+                "SELECT status, reason FROM messages WHERE id = ?", (bytes.fromhex(message_id),)
             )
             if row is not None:
-                out[message_id] = str(row[0])
+                out[message_id] = (str(row[0]), None if row[1] is None else str(row[1]))
         return out
-
-    def unread_incoming(self, key: bytes) -> list[bytes]:
-        return [
-            bytes(r[0])
-            for r in self.db.all(
-                "SELECT id FROM messages WHERE contact = ? AND direction = 'in'"
-                " AND status = 'received'",
-                (key,),
-            )
-        ]
 
     def mark_read(self, key: bytes) -> int:
         """Mark a conversation read and queue one read receipt for it."""
         with self.db.transaction():
-            ids = self.unread_incoming(key)
+            ids = [
+                bytes(r[0])
+                for r in self.db.all(
+                    "SELECT id FROM messages WHERE contact = ? AND direction = 'in'"
+                    " AND status = 'received'",
+                    (key,),
+                )
+            ]
             for message_id in ids:
                 self.db.execute("UPDATE messages SET status = 'read' WHERE id = ?", (message_id,))
             if ids:
-                self._enqueue_receipt(key, ReceiptType.READ, ids)
+                self.send(key, Receipt(ReceiptType.READ, tuple(ids)))
         return len(ids)

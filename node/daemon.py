@@ -7,16 +7,16 @@ import fcntl
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import trio
-from libp2p.peer.id import ID
 
 from pigeon.protocol import ContactCode, PigeonError
 
 from . import control
+from .contacts import Contact
 from .host import quiet_libp2p_logs
 from .node import Node, NodeConfig
 from .storage import Database
@@ -43,27 +43,79 @@ def setup_logging(verbose: bool = False) -> None:
     quiet_libp2p_logs()
 
 
-def contact_json(node: Node, contact: Any) -> dict[str, Any]:
+def contact_json(node: Node, contact: Contact) -> dict[str, Any]:
     return {
         "name": contact.name,
         "alias": contact.alias,
+        "label": contact.label,
         "identity_id": contact.identity_id,
         "online": node.is_online(contact),
         "last_seen": contact.last_seen,
     }
 
 
+def _text(request: dict[str, Any], key: str, *, required: bool = True) -> str | None:
+    """A string argument of a control request, or a clear refusal."""
+    value = request.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise PigeonError(f"bad request: {key!r} must be a string")
+    return value
+
+
+def _number(request: dict[str, Any], key: str) -> int:
+    value = request.get(key, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise PigeonError(f"bad request: {key!r} must be a whole number")
+    return value
+
+
+Reply = Callable[[dict[str, Any]], Awaitable[None]]
+
+
 def make_handler(
     node: Node, stop: trio.Event
-) -> Callable[
-    [dict[str, Any], Callable[[dict[str, Any]], Awaitable[None]]],
-    Awaitable[dict[str, Any] | None],
-]:
+) -> Callable[[dict[str, Any], Reply], Awaitable[dict[str, Any] | None]]:
     conv = node.conversations
+    contacts = node.contacts
 
-    async def handle(
-        request: dict[str, Any], send: Callable[[dict[str, Any]], Awaitable[None]]
-    ) -> dict[str, Any] | None:
+    def find(request: dict[str, Any]) -> Contact:
+        return contacts.find(str(_text(request, "contact")))
+
+    def maybe_find(request: dict[str, Any]) -> bytes | None:
+        """The identity key of the contact a request names, if it names one."""
+        name = _text(request, "contact", required=False)
+        return None if not name else contacts.find(name).identity_key
+
+    async def follow(request: dict[str, Any], send: Reply) -> None:
+        key = maybe_find(request)
+        after = _number(request, "after")
+        await send({"ok": True})
+        watched: dict[str, tuple[str, str | None]] = {}  # outgoing id -> (status, reason) sent
+        while True:
+            for message in conv.inbox(key, after):
+                after = max(after, int(str(message["seq"])))
+                await send({"event": "message", **message})
+                if message["direction"] == "out":
+                    reason = message["reason"]
+                    watched[str(message["id"])] = (
+                        str(message["status"]),
+                        None if reason is None else str(reason),
+                    )
+            for message_id, state in conv.statuses(list(watched)).items():
+                if state != watched[message_id]:
+                    watched[message_id] = state
+                    status, reason = state
+                    await send(
+                        {"event": "status", "id": message_id, "status": status, "reason": reason}
+                    )
+                if state[0] == "read":
+                    del watched[message_id]
+            with trio.move_on_after(0.5):
+                await node.wait_for_messages()
+
+    async def handle(request: dict[str, Any], send: Reply) -> dict[str, Any] | None:
         cmd = request["cmd"]
         if cmd == "id":
             return {
@@ -75,58 +127,31 @@ def make_handler(
                 "addresses": node.addresses,
             }
         if cmd == "contacts.add":
-            code = ContactCode.parse(str(request["code"]))
-            alias = request.get("alias")
-            contact = conv.add_contact(code, str(alias) if alias else None)
-            with trio.move_on_after(15):
-                record = await node.refresh_record(contact.identity_key)
-                for device in record.devices if record else ():
-                    node.spawn(node.greet, ID(device.certificate.peer_id))
-            return {"ok": True, "contact": contact_json(node, conv.contact(code.identity_key))}
+            code = ContactCode.parse(str(_text(request, "code")))
+            contact, added = await node.add_contact(code, _text(request, "alias", required=False))
+            return {"ok": True, "added": added, "contact": contact_json(node, contact)}
+        if cmd == "contacts.rename":
+            contact = contacts.rename(find(request), str(_text(request, "alias")))
+            return {"ok": True, "contact": contact_json(node, contact)}
+        if cmd == "contacts.remove":
+            contact = find(request)
+            removed = contacts.remove(contact)
+            return {"ok": True, "label": contact.label, **removed}
         if cmd == "contacts.list":
-            return {"ok": True, "contacts": [contact_json(node, c) for c in conv.contacts()]}
+            return {"ok": True, "contacts": [contact_json(node, c) for c in contacts.all()]}
         if cmd == "send":
-            contact = conv.find_contact(str(request["contact"]))
-            text = str(request["text"])
-            if not text:
-                raise PigeonError("nothing to send: the message is empty")
-            message_id = await node.send_text(contact, text)
-            return {"ok": True, "id": message_id.hex()}
+            app = node.send_text(find(request), str(_text(request, "text")))
+            return {"ok": True, "id": app.message_id.hex()}
         if cmd == "inbox":
-            key = (
-                conv.find_contact(request["contact"]).identity_key
-                if request.get("contact")
-                else None
-            )
-            return {"ok": True, "messages": conv.inbox(key, int(request.get("after", 0)))}
+            return {
+                "ok": True,
+                "messages": conv.inbox(maybe_find(request), _number(request, "after")),
+            }
         if cmd == "follow":
-            key = (
-                conv.find_contact(request["contact"]).identity_key
-                if request.get("contact")
-                else None
-            )
-            after = int(request.get("after", 0))
-            await send({"ok": True})
-            watched: dict[str, str] = {}  # outgoing message id -> last status sent
-            while True:
-                for message in conv.inbox(key, after):
-                    after = max(after, int(message["seq"]))  # type: ignore[call-overload]
-                    await send({"event": "message", **message})
-                    if message["direction"] == "out":
-                        watched[str(message["id"])] = str(message["status"])
-                for message_id, status in conv.statuses(list(watched)).items():
-                    if status != watched[message_id]:
-                        watched[message_id] = status
-                        await send({"event": "status", "id": message_id, "status": status})
-                    if status == "read":
-                        del watched[message_id]
-                with trio.move_on_after(0.5):
-                    await node.wait_for_messages()
+            await follow(request, send)
+            return None
         if cmd == "read":
-            contact = conv.find_contact(str(request["contact"]))
-            count = conv.mark_read(contact.identity_key)
-            node.wake_outbox()
-            return {"ok": True, "read": count}
+            return {"ok": True, "read": node.mark_read(find(request))}
         if cmd == "status":
             return {"ok": True, **node.status()}
         if cmd == "stop":
@@ -152,25 +177,36 @@ async def run(home: Path, passphrase: str, config: NodeConfig) -> None:
     db = Database.open(home, passphrase)
     lock = _lock(home)
     try:
-        node = Node(db, config)
-        stop = trio.Event()
-        async with node.running(), trio.open_nursery() as nursery:
-            await nursery.start(control.serve, home / control.SOCKET_NAME, make_handler(node, stop))
-            log.info(
-                "daemon ready identity=%s peer=%s addresses=%s",
-                node.conversations.identity.identity_id.hex(),
-                node.host.get_id(),
-                ",".join(node.addresses),
-            )
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                nursery.start_soon(_wait_for_signal, signals, stop)
-                await stop.wait()
-            log.info("daemon stopping")
-            nursery.cancel_scope.cancel()
+        await _serve(home, db, config)
+    except BaseException as error:
+        # A damaged page the check at open did not reach: one clear line, not
+        # the database error deep inside a task.
+        damage = next(filter(None, (db.damage(leaf) for leaf in _leaves(error))), None)
+        if damage is not None:
+            raise damage from None
+        raise
     finally:
         db.close()
         lock.close()
     log.info("daemon stopped")
+
+
+async def _serve(home: Path, db: Database, config: NodeConfig) -> None:
+    node = Node(db, config)
+    stop = trio.Event()
+    async with node.running(), trio.open_nursery() as nursery:
+        await nursery.start(control.serve, home / control.SOCKET_NAME, make_handler(node, stop))
+        log.info(
+            "daemon ready identity=%s peer=%s addresses=%s",
+            node.conversations.identity.identity_id.hex(),
+            node.host.get_id(),
+            ",".join(node.addresses),
+        )
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            nursery.start_soon(_wait_for_signal, signals, stop)
+            await stop.wait()
+        log.info("daemon stopping")
+        nursery.cancel_scope.cancel()
 
 
 async def _wait_for_signal(signals: Any, stop: trio.Event) -> None:
@@ -180,7 +216,24 @@ async def _wait_for_signal(signals: Any, stop: trio.Event) -> None:
         return
 
 
+def _leaves(error: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside trio's (nested) exception groups."""
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield error
+
+
 def run_daemon(home: Path, passphrase: str, config: NodeConfig, verbose: bool = False) -> int:
     setup_logging(verbose)
-    trio.run(run, home, passphrase, config)
+    try:
+        trio.run(run, home, passphrase, config)
+    except BaseExceptionGroup as group:
+        # An error raised inside a nursery (a listen address refused as the
+        # host starts, say) arrives wrapped: the user gets its one line.
+        leaves = list(_leaves(group))
+        if len(leaves) == 1 and isinstance(leaves[0], PigeonError):
+            raise leaves[0] from None
+        raise
     return 0

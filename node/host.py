@@ -3,7 +3,14 @@ key persisted as a 32-byte seed so the peer ID is stable."""
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import logging
+import os
+import socket
+import struct
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import multiaddr
 import trio
@@ -16,7 +23,174 @@ from libp2p.peer.id import ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
+from pigeon.protocol import PigeonError
+
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
+LISTEN_FORMS = "/ip4/ADDRESS/tcp/PORT or /ip6/ADDRESS/tcp/PORT (e.g. /ip4/0.0.0.0/tcp/4001)"
+
+
+class ListenError(PigeonError):
+    """A --listen address that cannot be used."""
+
+
+def listen_addresses(values: Iterable[str]) -> list[multiaddr.Multiaddr]:
+    """Turn --listen strings into multiaddrs the host can really listen on.
+
+    Only TCP over IPv4 or IPv6: the host has no other listening transport, and
+    py-libp2p skips an address it cannot serve without saying so.  Each address
+    is bound once here so that a port in use, an address this machine does
+    not have or a privileged port is one clear error before anything starts.
+    """
+    addresses: list[multiaddr.Multiaddr] = []
+    for value in values:
+        address = _parse_listen(value)
+        _probe(address)
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+def _parse_listen(value: str) -> multiaddr.Multiaddr:
+    parts = value.split("/")
+    if len(parts) != 5 or parts[0] or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp":
+        raise ListenError(
+            f"cannot listen on {value!r}: Pigeon listens on TCP only: use {LISTEN_FORMS}"
+        )
+    family, text, port_text = parts[1], parts[2], parts[4]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        ip = None
+    if ip is None or ip.version != (4 if family == "ip4" else 6):
+        kind = "IPv4" if family == "ip4" else "IPv6"
+        raise ListenError(f"cannot listen on {value!r}: {text!r} is not an {kind} address")
+    if not port_text.isascii() or not port_text.isdigit() or int(port_text) > 65535:
+        raise ListenError(
+            f"cannot listen on {value!r}: the port must be a number from 0 to 65535"
+            " (0 picks a free one)"
+        )
+    return multiaddr.Multiaddr(f"/{family}/{ip}/tcp/{int(port_text)}")
+
+
+def _socket_address(address: multiaddr.Multiaddr) -> tuple[socket.AddressFamily, str, int]:
+    """(family, ip, port) of an address in one of the forms ``_parse_listen`` accepts."""
+    _, family, ip, _, port = str(address).split("/")
+    return socket.AF_INET if family == "ip4" else socket.AF_INET6, ip, int(port)
+
+
+def _probe(address: multiaddr.Multiaddr) -> None:
+    """Bind (without listening) as the host will, minus SO_REUSEPORT."""
+    family, ip, port = _socket_address(address)
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR as py-libp2p sets it: connections left in TIME_WAIT by
+        # a previous run must not count as "in use"; a listener still does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((ip, port))
+        except OSError as error:
+            raise _bind_error(address, error) from None
+
+
+def _bind_error(address: multiaddr.Multiaddr, error: OSError) -> ListenError:
+    _, ip, port = _socket_address(address)
+    if error.errno == errno.EADDRINUSE:
+        reason = (
+            f"TCP port {port} on {ip} is already in use (another Pigeon daemon or another"
+            " program); stop it or choose another port"
+        )
+    elif error.errno == errno.EADDRNOTAVAIL:
+        all_addresses = "0.0.0.0" if ":" not in ip else "::"
+        reason = (
+            f"{ip} is not an address of this machine; use one of its addresses,"
+            f" or {all_addresses} for all of them"
+        )
+    elif error.errno == errno.EACCES:
+        reason = f"port {port} needs administrator rights; choose a port from 1024 up"
+    else:
+        reason = error.strerror or str(error)
+    return ListenError(f"cannot listen on {address}: {reason}")
+
+
+async def check_listening(host: IHost, requested: Sequence[multiaddr.Multiaddr]) -> None:
+    """Call right after ``host.run()`` started: every requested address must
+    have a listener of its own.
+
+    py-libp2p logs and skips an address it cannot listen on, and it listens
+    with SO_REUSEPORT (for TCP hole punching), so a second process of the
+    same user can bind a port that is already listened on and the kernel
+    then splits incoming connections between the two.  ``listen_addresses``
+    refuses a port in use before the start; this closes the window between
+    that probe and the real bind.  On failure the host is closed.
+    """
+    try:
+        network = host.get_network()
+        ours: list[tuple[multiaddr.Multiaddr, trio.socket.SocketType]] = []
+        for address in requested:
+            listener = network.listeners.get(str(address))
+            sockets = [s.socket for s in getattr(listener, "listeners", ())]
+            if not sockets:
+                _probe(address)  # raises with the operating system's reason, if any
+                raise ListenError(
+                    f"cannot listen on {address}: the network layer did not start a"
+                    f" listener; use {LISTEN_FORMS}"
+                )
+            ours.extend((address, sock) for sock in sockets)
+        _refuse_shared_ports(ours)
+    except BaseException:
+        await close_host(host)
+        raise
+
+
+def _refuse_shared_ports(ours: list[tuple[multiaddr.Multiaddr, trio.socket.SocketType]]) -> None:
+    """Refuse a port that a socket of another process also listens on.
+
+    Reads the kernel's table of TCP sockets, so Linux only; elsewhere the
+    probe before the start is the only guard.
+    """
+    inodes = {os.fstat(sock.fileno()).st_ino for _, sock in ours}
+    others = [(ip, port) for ip, port, inode in _tcp_listeners() if inode not in inodes]
+    for address, sock in ours:
+        ip, port = sock.getsockname()[:2]
+        mine = ipaddress.ip_address(ip)
+        for other_ip, other_port in others:
+            if other_port == port and _overlap(mine, other_ip):
+                family = str(address).split("/")[1]
+                actual = multiaddr.Multiaddr(f"/{family}/{ip}/tcp/{port}")
+                raise _bind_error(actual, OSError(errno.EADDRINUSE, "in use"))
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _tcp_listeners() -> list[tuple[IPAddress, int, int]]:
+    """(address, port, inode) of every listening TCP socket, from /proc/net."""
+    found: list[tuple[IPAddress, int, int]] = []
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = Path("/proc/net", name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != "0A":  # 0A: LISTEN
+                continue
+            hex_ip, hex_port = fields[1].split(":")
+            # Each 32-bit word of the address is printed in host byte order.
+            raw = b"".join(
+                struct.pack("=I", int(hex_ip[i : i + 8], 16)) for i in range(0, len(hex_ip), 8)
+            )
+            found.append((ipaddress.ip_address(raw), int(hex_port, 16), int(fields[9])))
+    return found
+
+
+def _overlap(a: IPAddress, b: IPAddress) -> bool:
+    """Whether listeners on a and b (same port) would take each other's connections."""
+    if a.version != b.version:
+        v6, v4 = (a, b) if a.version == 6 else (b, a)
+        assert isinstance(v6, ipaddress.IPv6Address)
+        # A dual-stack "::" listener also takes IPv4; so does a v4-mapped one.
+        return v6.is_unspecified or (v6.ipv4_mapped is not None and _overlap(v6.ipv4_mapped, v4))
+    return a == b or a.is_unspecified or b.is_unspecified
 
 
 def quiet_libp2p_logs() -> None:
@@ -36,7 +210,7 @@ def build_host(device_seed: bytes, listen: list[str]) -> IHost:
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         connection_config=ConnectionConfig(max_connections_per_peer=1),
-        listen_addrs=[multiaddr.Multiaddr(a) for a in listen],
+        listen_addrs=listen_addresses(listen),
     )
 
 

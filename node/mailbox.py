@@ -22,14 +22,19 @@ import multiaddr
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
-from pigeon.protocol import DecryptError, OneTimePrekey, PigeonError, ProtocolError
-from pigeon.protocol.envelope import MAX_ENVELOPE
+from pigeon.protocol import DecryptError, DirectoryRecord, OneTimePrekey, PigeonError, ProtocolError
+from pigeon.protocol.frames import MailboxNotice
 from pigeon.protocol.keys import verify_signature
 from pigeon.protocol.mailbox import (
     ITEM_ID_SIZE,
     MAX_ITEMS,
+    MAX_PAGE_BYTES,
+    MAX_REQUEST_SIZE,
+    MAX_RESPONSE_SIZE,
     NONCE_SIZE,
     Item,
     Op,
@@ -49,8 +54,6 @@ NOTIFY_PROTOCOL = TProtocol("/pigeon/mailbox-notify/1.0.0")
 # Mailbox peers announce themselves as providers of this DHT key (a sha2-256
 # multihash, hex, of "pigeon/mailboxes/v1").
 PROVIDER_KEY = "1220" + hashlib.sha256(b"pigeon/mailboxes/v1").hexdigest()
-MAX_FRAME = MAX_ENVELOPE + 4096
-MAX_RESPONSE = MAX_ITEMS * (MAX_ENVELOPE // 64) + 4096
 
 
 @dataclass(frozen=True)
@@ -109,15 +112,31 @@ class MailboxStore:
             )
         return item_id
 
-    def fetch(self, box: bytes, limit: int) -> list[Item]:
-        return [
-            Item(bytes(r[0]), bytes(r[1]), r[2])
-            for r in self.db.all(
-                "SELECT id, envelope, deposited_at FROM mailbox_items WHERE mailbox_id = ?"
-                " ORDER BY deposited_at, rowid LIMIT ?",
-                (box, limit),
+    def fetch(self, box: bytes, limit: int) -> tuple[list[Item], bool]:
+        """The oldest items, up to ``limit`` of them and MAX_PAGE_BYTES of
+        envelopes (at least one), and whether more wait.  Sizes are read
+        first, so no more than one page of envelopes is ever in memory."""
+        chosen: list[bytes] = []
+        total = 0
+        more = False
+        for item_id, size in self.db.all(
+            "SELECT id, size FROM mailbox_items WHERE mailbox_id = ?"
+            " ORDER BY deposited_at, rowid LIMIT ?",
+            (box, limit + 1),
+        ):
+            if len(chosen) == limit or (chosen and total + size > MAX_PAGE_BYTES):
+                more = True
+                break
+            chosen.append(bytes(item_id))
+            total += size
+        items = []
+        for item_id in chosen:
+            row = self.db.one(
+                "SELECT envelope, deposited_at FROM mailbox_items WHERE id = ?", (item_id,)
             )
-        ]
+            if row is not None:
+                items.append(Item(item_id, bytes(row[0]), row[1]))
+        return items, more
 
     def delete(self, box: bytes, item_ids: tuple[bytes, ...]) -> None:
         with self.db.transaction():
@@ -175,9 +194,12 @@ class MailboxStore:
 class MailboxService:
     """The protocol handler: one request, one response, per frame."""
 
-    def __init__(self, store: MailboxStore, limits: MailboxLimits) -> None:
+    def __init__(
+        self, store: MailboxStore, limits: MailboxLimits, clock: Callable[[], float] = time.time
+    ) -> None:
         self.store = store
         self.limits = limits
+        self.clock = clock
         self._challenges: dict[bytes, tuple[bytes, float]] = {}
         self._deposits: dict[object, collections.deque[float]] = {}
         # mailbox -> the peer that last proved it owns it: pushed to on deposits
@@ -190,7 +212,7 @@ class MailboxService:
         try:
             while True:
                 try:
-                    data = await read_frame(stream, MAX_FRAME)
+                    data = await read_frame(stream, MAX_REQUEST_SIZE)
                 except ProtocolError:
                     raise
                 except Exception:
@@ -209,7 +231,7 @@ class MailboxService:
 
     def answer(self, data: bytes, peer: object) -> Response:
         try:
-            request = Request.decode(data, MAX_ENVELOPE)
+            request = Request.decode(data)
             return self._answer(request, peer)
         except MailboxRefused as error:
             self.stats["refused"] += 1
@@ -221,7 +243,7 @@ class MailboxService:
             return Response(ok=False, error="proof refused")
 
     def _answer(self, request: Request, peer: object) -> Response:
-        now = time.time()
+        now = self.clock()
         if request.op == Op.REGISTER:
             box = self.store.register(request.public_key, int(now))
             return Response(ok=True, item_id=box)
@@ -250,9 +272,11 @@ class MailboxService:
         box = request.mailbox_id
         self.owners_seen[box] = peer
         if request.op == Op.FETCH:
-            items = self.store.fetch(box, request.limit or MAX_ITEMS)
+            items, more = self.store.fetch(box, request.limit or MAX_ITEMS)
             self.stats["fetched"] += len(items)
-            return Response(ok=True, items=tuple(items), prekeys_left=self.store.prekeys_left(box))
+            return Response(
+                ok=True, items=tuple(items), prekeys_left=self.store.prekeys_left(box), more=more
+            )
         if request.op == Op.ADD_PREKEYS:
             return Response(ok=True, prekeys_left=self.store.add_prekeys(box, request.prekeys))
         self.store.delete(box, request.item_ids)
@@ -309,10 +333,105 @@ async def call(host: IHost, peer: PeerInfo, requests: list[Request]) -> list[Res
     try:
         with trio.fail_after(20 + len(requests) / 10):
             await stream.write(b"".join(frame(request.encode()) for request in requests))
-            return [
-                Response.decode(await read_frame(stream, MAX_RESPONSE), MAX_ENVELOPE)
-                for _ in requests
-            ]
+            return [Response.decode(await read_frame(stream, MAX_RESPONSE_SIZE)) for _ in requests]
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await stream.close()
+
+
+def mailbox_peer(peer_id: bytes, addresses: list[str] | tuple[str, ...]) -> PeerInfo:
+    return PeerInfo(ID(peer_id), addrs(addresses))
+
+
+async def take_prekey(host: IHost, record: DirectoryRecord) -> OneTimePrekey | None:
+    """Ask the contact's mailboxes for one of its one-time prekeys; without
+    one, X3DH runs with three DHs."""
+    for entry in record.mailboxes:
+        info = mailbox_peer(entry.peer_id, entry.addresses)
+        try:
+            with trio.fail_after(5):
+                (reply,) = await call(host, info, [Request(Op.TAKE_PREKEY, entry.mailbox_id)])
+            if reply.ok and reply.prekey:
+                prekey = OneTimePrekey.decode(reply.prekey)
+                prekey.verify(record.identity_key)
+                return prekey
+        except Exception as error:
+            log.info("no one-time prekey from mailbox %s: %s", info.peer_id, error)
+    return None
+
+
+async def deposit(
+    host: IHost, record: DirectoryRecord, pending: list[tuple[bytes, bytes]]
+) -> tuple[set[bytes], list[str]]:
+    """Leave every pending (digest, envelope) with every mailbox the record
+    lists: (digests at least one stored, the mailboxes' refusals)."""
+    stored: set[bytes] = set()
+    refusals: list[str] = []
+    for entry in record.mailboxes:
+        info = mailbox_peer(entry.peer_id, entry.addresses)
+        requests = [Request(Op.DEPOSIT, entry.mailbox_id, envelope=e) for _, e in pending]
+        try:
+            replies = await call(host, info, requests)
+        except Exception as error:
+            log.info("mailbox %s unreachable: %s", info.peer_id, error)
+            continue
+        for (envelope_digest, _), reply in zip(pending, replies, strict=True):
+            if reply.ok:
+                stored.add(envelope_digest)
+            else:
+                refusals.append(reply.error)
+                log.info("mailbox %s refused a deposit: %s", info.peer_id, reply.error)
+    return stored, refusals
+
+
+class MailboxPeer:
+    """The mailbox role (``--mailbox``): answer requests, advertise in the
+    DHT, expire old envelopes, and tell a connected owner when one arrives."""
+
+    def __init__(
+        self,
+        host: IHost,
+        dht: KadDHT,
+        store: MailboxStore,
+        limits: MailboxLimits,
+        interval: float,
+        clock: Callable[[], float],
+        spawn: Callable[..., None],
+    ) -> None:
+        self.host = host
+        self.dht = dht
+        self.store = store
+        self.interval = interval
+        self.clock = clock
+        self.spawn = spawn
+        self.service = MailboxService(store, limits, clock)
+        self.service.on_deposit = self._notify_owner
+        self._pushing: dict[object, float] = {}
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.dht.provide(PROVIDER_KEY)
+            except Exception as error:
+                log.warning("advertising the mailbox failed: %s", error)
+            expired = self.store.expire(int(self.clock()))
+            if expired:
+                log.info("deleted %d expired envelopes", expired)
+            await trio.sleep(min(60.0, self.interval))
+
+    def _notify_owner(self, box: bytes, peer: object) -> None:
+        now = trio.current_time()
+        if self._pushing.get(peer, -1.0) > now - 0.2:
+            return  # a notice is already on its way; the owner collects everything
+        self._pushing[peer] = now
+        if isinstance(peer, ID) and self.host.get_network().get_connections(peer):
+            self.spawn(self._push_notice, peer, box)
+
+    async def _push_notice(self, peer: ID, box: bytes) -> None:
+        try:
+            with trio.fail_after(5):
+                stream = await self.host.new_stream(peer, [NOTIFY_PROTOCOL])
+                await stream.write(frame(MailboxNotice(box).encode()))
+                await stream.close()
+        except Exception as error:
+            log.debug("mailbox notice to %s failed: %s", peer, error)

@@ -1,57 +1,91 @@
 """Our own mailboxes, as a recipient: keep k of them registered, collect
-from them (at start-up, on an interval, on reconnect, when one pushes a
-notice), replace one that stays unreachable, and keep each stocked with
-one-time prekeys.  See docs/protocol/mailbox.md."""
+from them (at start-up, on an interval, on reconnect, when one sends a
+notice), replace one that keeps failing, and keep each stocked with one-time
+prekeys.  See docs/protocol/mailbox.md.
+
+Collection is paged (a FETCH reply is at most one page) and resumable: each
+page is committed, then deleted at the mailbox, so a failure midway loses
+nothing and the next collection starts where this one stopped.  A mailbox
+that refuses a DELETE or serves an item again counts as failing.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import trio
-from libp2p.abc import INetStream
+from libp2p.abc import IHost, INetStream
+from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from nacl.signing import SigningKey
 
-from pigeon.protocol import ProtocolError
-from pigeon.protocol.mailbox import Op, Request, mailbox_id, proof_message
-from pigeon.protocol.wire import Fields
+from pigeon.protocol import PigeonError, Random
+from pigeon.protocol.frames import MAX_NOTICE_FRAME, AckStatus, MailboxNotice
+from pigeon.protocol.mailbox import Op, Request, Response, mailbox_id, proof_message
 
-from .framing import ACK_STORED, read_frame
-from .mailbox import PROVIDER_KEY, addrs
-from .mailbox import call as mailbox_call
-
-if TYPE_CHECKING:
-    from .node import Node
+from .framing import read_frame
+from .mailbox import PROVIDER_KEY, call, mailbox_peer
+from .prekeys import Prekeys
+from .storage import Database
 
 log = logging.getLogger("pigeon.mailbox")
 
 PREKEY_REFILL_BELOW = 10  # as Signal: refill below 10, in batches of 100
 PREKEY_BATCH = 100
 MAILBOX_MAX_FAILURES = 3  # consecutive failed collections before a mailbox is replaced
+MAX_COLLECT_PAGES = 64  # pages per mailbox per collection; the rest comes right after
+
+Accept = Callable[[list[bytes], object], list[AckStatus]]
+
+
+class MailboxFailure(PigeonError):
+    """A mailbox did not do what the protocol asks of it."""
 
 
 class MailboxOwner:
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(
+        self,
+        db: Database,
+        host: IHost,
+        dht: KadDHT,
+        prekeys: Prekeys,
+        accept: Accept,
+        republish: Callable[[], None],
+        *,
+        count: int,
+        interval: float,
+        random: Random,
+        clock: Callable[[], float],
+    ) -> None:
+        self.db = db
+        self.host = host
+        self.dht = dht
+        self.prekeys = prekeys
+        self.accept = accept
+        self.republish = republish
+        self.count = count
+        self.interval = interval
+        self.random = random
+        self.clock = clock
         self.collect_now = trio.Event()
         self._searches = 0
-
-    def is_mailbox(self, peer: ID) -> bool:
-        return peer.to_bytes() in {p for p, _ in self.my_mailboxes()}
+        self._key: SigningKey | None = None
 
     @property
     def mailbox_key(self) -> SigningKey:
-        seed = self.node.db.get_meta("mailbox_seed")
-        if seed is None:
-            seed = os.urandom(32)
-            with self.node.db.transaction():
-                self.node.db.set_meta("mailbox_seed", seed)
-        return SigningKey(seed)
+        """Our mailbox key: not the identity key, so a mailbox never holds
+        anything that can sign as us."""
+        if self._key is None:
+            seed = self.db.get_meta("mailbox_seed")
+            if seed is None:
+                seed = self.random(32)
+                with self.db.transaction():
+                    self.db.set_meta("mailbox_seed", seed)
+            self._key = SigningKey(seed)
+        return self._key
 
     @property
     def mailbox_id(self) -> bytes:
@@ -59,24 +93,27 @@ class MailboxOwner:
 
     def my_mailboxes(self) -> list[tuple[bytes, list[str]]]:
         return [
-            (bytes(r[0]), list(json.loads(r[1])))
-            for r in self.node.db.all(
+            (bytes(r[0]), [str(a) for a in json.loads(r[1])])
+            for r in self.db.all(
                 "SELECT peer_id, addresses FROM my_mailboxes ORDER BY registered_at"
             )
         ]
 
+    def is_mailbox(self, peer: ID) -> bool:
+        return peer.to_bytes() in {p for p, _ in self.my_mailboxes()}
+
     async def run(self) -> None:
-        """Keep k mailboxes registered, and collect from them: at start-up,
-        on every interval, and when asked."""
+        """Keep k mailboxes registered and collect from them: at start-up, on
+        every interval, and when asked."""
         while True:
             try:
                 if await self._ensure_mailboxes():
-                    self.node.republish()
+                    self.republish()
                 await self.collect_mailboxes()
             except Exception as error:
                 log.warning("mailbox upkeep failed: %s", error)
-            wait = self.node.config.mailbox_interval
-            if len(self.my_mailboxes()) < self.node.config.mailbox_count:
+            wait = self.interval
+            if len(self.my_mailboxes()) < self.count:
                 # still looking for mailboxes: soon at first, then less often
                 wait = min(wait, 5.0 * 2 ** min(self._searches, 8))
                 self._searches += 1
@@ -88,128 +125,123 @@ class MailboxOwner:
 
     async def _ensure_mailboxes(self) -> bool:
         have = {peer for peer, _ in self.my_mailboxes()}
-        if len(have) >= self.node.config.mailbox_count:
+        if len(have) >= self.count:
             return False
         changed = False
         with trio.move_on_after(20):
-            providers = await self.node.dht.find_providers(PROVIDER_KEY, 20)
-            seen = set()
+            providers = await self.dht.find_providers(PROVIDER_KEY, 20)
             for info in providers:
                 raw = info.peer_id.to_bytes()
-                if raw in have or raw in seen or info.peer_id == self.node.host.get_id():
+                if raw in have or info.peer_id == self.host.get_id():
                     continue
-                seen.add(raw)
-                if len(have) >= self.node.config.mailbox_count:
+                if len(have) >= self.count:
                     break
-                try:
-                    (reply,) = await mailbox_call(
-                        self.node.host,
-                        info,
-                        [Request(Op.REGISTER, public_key=bytes(self.mailbox_key.verify_key))],
-                    )
-                except Exception as error:
-                    log.info("mailbox %s did not answer: %s", info.peer_id, error)
-                    continue
-                if not reply.ok:
-                    log.info("mailbox %s refused us: %s", info.peer_id, reply.error)
-                    continue
-                addresses = [f"{a}/p2p/{info.peer_id}" for a in info.addrs]
-                with self.node.db.transaction():
-                    self.node.db.execute(
-                        "INSERT OR REPLACE INTO my_mailboxes (peer_id, addresses, registered_at)"
-                        " VALUES (?, ?, ?)",
-                        (raw, json.dumps(addresses), int(time.time())),
-                    )
-                have.add(raw)
-                changed = True
-                log.info("registered with mailbox %s", info.peer_id)
+                if await self._register(info):
+                    have.add(raw)
+                    changed = True
         return changed
+
+    async def _register(self, info: PeerInfo) -> bool:
+        request = Request(Op.REGISTER, public_key=bytes(self.mailbox_key.verify_key))
+        try:
+            (reply,) = await call(self.host, info, [request])
+        except Exception as error:
+            log.info("mailbox %s did not answer: %s", info.peer_id, error)
+            return False
+        if not reply.ok:
+            log.info("mailbox %s refused us: %s", info.peer_id, reply.error)
+            return False
+        addresses = [f"{a}/p2p/{info.peer_id}" for a in info.addrs]
+        with self.db.transaction():
+            self.db.execute(
+                "INSERT OR REPLACE INTO my_mailboxes (peer_id, addresses, registered_at)"
+                " VALUES (?, ?, ?)",
+                (info.peer_id.to_bytes(), json.dumps(addresses), int(self.clock())),
+            )
+        log.info("registered with mailbox %s", info.peer_id)
+        return True
 
     async def collect_mailboxes(self) -> int:
         """Fetch, store and then delete what our mailboxes hold for us."""
         total = 0
         for peer_raw, addresses in self.my_mailboxes():
-            info = PeerInfo(ID(peer_raw), addrs(addresses))
+            info = mailbox_peer(peer_raw, addresses)
             try:
                 total += await self._collect_from(info)
-                self.node.db.execute(
+                self.db.execute(
                     "UPDATE my_mailboxes SET failures = 0 WHERE peer_id = ?", (peer_raw,)
                 )
             except Exception as error:
                 log.info("collecting from mailbox %s failed: %s", info.peer_id, error)
-                self.node.db.execute(
-                    "UPDATE my_mailboxes SET failures = failures + 1 WHERE peer_id = ?", (peer_raw,)
-                )
-                row = self.node.db.one(
-                    "SELECT failures FROM my_mailboxes WHERE peer_id = ?", (peer_raw,)
-                )
-                if row is not None and row[0] >= MAILBOX_MAX_FAILURES:
-                    log.warning("mailbox %s stays unreachable: replacing it", info.peer_id)
-                    self.node.db.execute("DELETE FROM my_mailboxes WHERE peer_id = ?", (peer_raw,))
-                    self.collect_now.set()
+                self._failed(peer_raw, info)
         return total
 
-    async def _collect_from(self, info: PeerInfo) -> int:
-        box, key = self.mailbox_id, self.mailbox_key
-        collected = 0
-        while True:
-            (challenge,) = await mailbox_call(self.node.host, info, [Request(Op.CHALLENGE, box)])
-            nonce = challenge.nonce
-            signature = key.sign(proof_message(Op.FETCH, box, nonce)).signature
-            (fetched,) = await mailbox_call(
-                self.node.host, info, [Request(Op.FETCH, box, nonce=nonce, signature=signature)]
+    def _failed(self, peer_raw: bytes, info: PeerInfo) -> None:
+        with self.db.transaction():
+            self.db.execute(
+                "UPDATE my_mailboxes SET failures = failures + 1 WHERE peer_id = ?", (peer_raw,)
             )
+            row = self.db.one("SELECT failures FROM my_mailboxes WHERE peer_id = ?", (peer_raw,))
+            if row is not None and row[0] >= MAILBOX_MAX_FAILURES:
+                log.warning("mailbox %s keeps failing: replacing it", info.peer_id)
+                self.db.execute("DELETE FROM my_mailboxes WHERE peer_id = ?", (peer_raw,))
+                self.republish()  # senders must stop depositing there
+                self.collect_now.set()
+
+    async def _proven(self, info: PeerInfo, op: Op, items: tuple[bytes, ...] = ()) -> Response:
+        """An owner-only request, signed over a fresh challenge."""
+        box = self.mailbox_id
+        (challenge,) = await call(self.host, info, [Request(Op.CHALLENGE, box)])
+        if not challenge.ok or not challenge.nonce:
+            raise MailboxFailure(f"mailbox gave no challenge: {challenge.error}")
+        signature = self.mailbox_key.sign(proof_message(op, box, challenge.nonce, items)).signature
+        request = Request(op, box, nonce=challenge.nonce, signature=signature)
+        if op == Op.ADD_PREKEYS:
+            request = Request(op, box, nonce=challenge.nonce, signature=signature, prekeys=items)
+        elif op == Op.DELETE:
+            request = Request(op, box, nonce=challenge.nonce, signature=signature, item_ids=items)
+        (reply,) = await call(self.host, info, [request])
+        return reply
+
+    async def _collect_from(self, info: PeerInfo) -> int:
+        collected = 0
+        seen: set[bytes] = set()
+        for _ in range(MAX_COLLECT_PAGES):
+            fetched = await self._proven(info, Op.FETCH)
             if not fetched.ok:
-                raise ProtocolError(f"mailbox refused our pickup: {fetched.error}")
-            if not fetched.items:
+                raise MailboxFailure(f"mailbox refused our pickup: {fetched.error}")
+            ids = tuple(item.item_id for item in fetched.items)
+            if len(set(ids)) != len(ids) or seen.intersection(ids):
+                raise MailboxFailure("mailbox served an item again after we deleted it")
+            seen.update(ids)
+            if ids:
+                # each page is committed before it is deleted at the mailbox: a
+                # crash in between gives duplicates, which are dropped, never loss
+                statuses = self.accept([item.envelope for item in fetched.items], info.peer_id)
+                collected += statuses.count(AckStatus.STORED)
+                deleted = await self._proven(info, Op.DELETE, ids)
+                if not deleted.ok:
+                    raise MailboxFailure(f"mailbox refused to delete: {deleted.error}")
+            if not fetched.more:
                 await self._refill_prekeys(info, fetched.prekeys_left)
                 return collected
-            statuses = self.node.accept([item.envelope for item in fetched.items], info.peer_id)
-            collected += statuses.count(ACK_STORED)
-            done = tuple(item.item_id for item in fetched.items)
-            (challenge,) = await mailbox_call(self.node.host, info, [Request(Op.CHALLENGE, box)])
-            signature = key.sign(proof_message(Op.DELETE, box, challenge.nonce, done)).signature
-            await mailbox_call(
-                self.node.host,
-                info,
-                [
-                    Request(
-                        Op.DELETE, box, nonce=challenge.nonce, signature=signature, item_ids=done
-                    )
-                ],
-            )
+        self.collect_now.set()  # more is waiting: go on at once, after the other mailboxes
+        return collected
 
     async def _refill_prekeys(self, info: PeerInfo, left: int) -> None:
         if left >= PREKEY_REFILL_BELOW:
             return
-        prekeys = self.node.conversations.new_one_time_prekeys(
-            PREKEY_BATCH, info.peer_id.to_bytes()
-        )
-        encoded = tuple(p.encode() for p in prekeys)
-        box = self.mailbox_id
-        (challenge,) = await mailbox_call(self.node.host, info, [Request(Op.CHALLENGE, box)])
-        signature = self.mailbox_key.sign(
-            proof_message(Op.ADD_PREKEYS, box, challenge.nonce, encoded)
-        ).signature
-        (reply,) = await mailbox_call(
-            self.node.host,
-            info,
-            [
-                Request(
-                    Op.ADD_PREKEYS, box, nonce=challenge.nonce, signature=signature, prekeys=encoded
-                )
-            ],
-        )
+        prekeys = self.prekeys.new_one_time(PREKEY_BATCH, info.peer_id.to_bytes())
+        reply = await self._proven(info, Op.ADD_PREKEYS, tuple(p.encode() for p in prekeys))
         if reply.ok:
-            log.info("left %d one-time prekeys with mailbox %s", len(encoded), info.peer_id)
+            log.info("left %d one-time prekeys with mailbox %s", len(prekeys), info.peer_id)
 
-    async def handle_notify(self, stream: INetStream) -> None:
-        """As an owner: a mailbox says something arrived; collect now."""
+    async def handle_notice(self, stream: INetStream) -> None:
+        """A mailbox says something arrived for us: collect now."""
         peer = stream.muxed_conn.peer_id
         try:
-            box = Fields(await read_frame(stream, 64, timeout=5)).bytes_(1, size=16)
-            mine = peer.to_bytes() in {p for p, _ in self.my_mailboxes()}
-            if box == self.mailbox_id and mine:
+            notice = MailboxNotice.decode(await read_frame(stream, MAX_NOTICE_FRAME, timeout=5))
+            if notice.mailbox_id == self.mailbox_id and self.is_mailbox(peer):
                 self.collect_now.set()
         except Exception as error:
             log.info("peer=%s sent a bad mailbox notice: %s", peer, type(error).__name__)

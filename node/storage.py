@@ -1,7 +1,10 @@
 """The node's encrypted database: SQLite in SQLCipher form.
 
 The key is derived from the user's passphrase with Argon2id (pynacl); the
-salt and cost parameters live beside the database in ``key.json``.  WAL mode
+salt and cost parameters live beside the database in ``key.json`` (written
+atomically: it holds the only copy of the salt), with a check value of the
+key that tells a wrong passphrase from a damaged database.  Opening never
+creates a database and checks every page (``PRAGMA quick_check``).  WAL mode
 with ``synchronous=FULL``: a committed transaction survives kill -9 and power
 loss.  The schema is versioned and migrated forward on open.  Every state
 change that must not be half-done (a ratchet step and the message it
@@ -10,13 +13,18 @@ produced) happens inside one ``transaction()``.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
+import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nacl.exceptions
 import sqlcipher3
 from nacl import pwhash
 
@@ -32,6 +40,22 @@ class StorageError(PigeonError):
 
 class WrongPassphrase(StorageError):
     pass
+
+
+class DatabaseDamaged(StorageError):
+    """The key is right but the file cannot be read."""
+
+
+KEY_CHECK_LABEL = b"pigeon key check v1"
+# Bounds for key.json's cost parameters: pynacl's own minimums, and maximums
+# well above what Pigeon writes (MODERATE: 3 passes, 256 MiB) that still
+# finish in seconds without exhausting memory: a damaged or hostile key.json
+# must not hang the command or crash it.
+MIN_OPSLIMIT = pwhash.argon2id.OPSLIMIT_MIN
+MAX_OPSLIMIT = 10
+MIN_MEMLIMIT = pwhash.argon2id.MEMLIMIT_MIN
+MAX_MEMLIMIT = pwhash.argon2id.MEMLIMIT_SENSITIVE  # 1 GiB
+SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26
 
 
 MIGRATIONS: list[str] = [
@@ -86,11 +110,130 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (mailbox_id, prekey_id));
     ALTER TABLE one_time_prekeys ADD COLUMN mailbox BLOB;
     """,
+    # version 4: no silent loss.  Every outgoing message waits in pending_out,
+    # in the clear, until the contact confirms it (durable kinds) or until it is
+    # encrypted (receipts, resets), so it can be encrypted again in a new
+    # session; messages say why they failed or what they wait for; devices of
+    # contacts are indexed for cheap lookups by peer.
+    """
+    CREATE TABLE pending_out (
+        message_id BLOB PRIMARY KEY, contact BLOB NOT NULL, app BLOB NOT NULL,
+        lamport INTEGER NOT NULL, durable INTEGER NOT NULL, session BLOB,
+        resends INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL);
+    CREATE INDEX pending_out_by_contact ON pending_out (contact, lamport);
+    CREATE INDEX outbox_by_message ON outbox (message_id);
+    ALTER TABLE messages ADD COLUMN reason TEXT;
+    ALTER TABLE contacts ADD COLUMN reset_at INTEGER;
+    CREATE TABLE contact_devices (
+        peer_id BLOB NOT NULL, identity_key BLOB NOT NULL, PRIMARY KEY (peer_id, identity_key));
+    """,
 ]
 
 
 def derive_key(passphrase: str, salt: bytes, opslimit: int, memlimit: int) -> bytes:
     return pwhash.argon2id.kdf(32, passphrase.encode("utf-8"), salt, opslimit, memlimit)
+
+
+def key_check(key: bytes) -> str:
+    """A check value of the derived key, kept in key.json: HMAC under a fixed
+    label, so it reveals nothing of the key.  (It lets a thief test guesses of
+    the passphrase offline, which the encrypted database already allows.)"""
+    return hmac.new(key, KEY_CHECK_LABEL, hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
+class KeyParams:
+    salt: bytes
+    opslimit: int
+    memlimit: int
+    check: str | None  # None in key.json files written before the check existed
+
+
+def _key_params(raw: Any) -> KeyParams | str:
+    """The validated parameters, or what is wrong with them."""
+    if not isinstance(raw, dict):
+        return "not a JSON object"
+    if raw.get("kdf") != "argon2id":
+        return f"unknown kdf {raw.get('kdf')!r}"
+    salt_hex = raw.get("salt")
+    try:
+        salt = bytes.fromhex(salt_hex) if isinstance(salt_hex, str) else b""
+    except ValueError:
+        salt = b""
+    if len(salt) != pwhash.argon2id.SALTBYTES:
+        return f"the salt is not {pwhash.argon2id.SALTBYTES} bytes in hex"
+    opslimit, memlimit = raw.get("opslimit"), raw.get("memlimit")
+    if type(opslimit) is not int or not MIN_OPSLIMIT <= opslimit <= MAX_OPSLIMIT:
+        return f"opslimit {opslimit!r} is not a whole number from {MIN_OPSLIMIT} to {MAX_OPSLIMIT}"
+    if type(memlimit) is not int or not MIN_MEMLIMIT <= memlimit <= MAX_MEMLIMIT:
+        return f"memlimit {memlimit!r} is not a whole number from {MIN_MEMLIMIT} to {MAX_MEMLIMIT}"
+    check = raw.get("check")
+    if check is not None and (
+        not isinstance(check, str) or len(check) != 64 or check.strip("0123456789abcdef")
+    ):
+        return "the key check is not 64 hex digits"
+    return KeyParams(salt, opslimit, memlimit, check)
+
+
+def _derive(passphrase: str, params: KeyParams) -> bytes:
+    try:
+        return derive_key(passphrase, params.salt, params.opslimit, params.memlimit)
+    except (MemoryError, nacl.exceptions.RuntimeError):
+        need = params.memlimit >> 20
+        raise StorageError(
+            f"deriving the key needs {need} MiB of memory, which this machine could not give;"
+            " close other programs and try again"
+        ) from None
+
+
+def _write_key_file(path: Path, params: dict[str, Any]) -> None:
+    """Replace key.json atomically and durably: it holds the only copy of the
+    salt, so a crash must leave either the old file or the new one, whole."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:  # mkstemp made it 0600
+            handle.write(json.dumps(params))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(directory)  # the rename itself must survive a power loss
+    finally:
+        os.close(directory)
+
+
+def _is_empty(db_file: Path) -> bool:
+    """A zero-byte database with no write-ahead log: what an interrupted
+    ``pigeon init`` leaves; nothing in it to lose."""
+    wal = db_file.with_name(db_file.name + "-wal")
+    return db_file.stat().st_size == 0 and (not wal.exists() or wal.stat().st_size == 0)
+
+
+def _is_damage(error: BaseException) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB)
+
+
+def _damaged(db_file: Path, detail: str) -> DatabaseDamaged:
+    detail = " ".join(detail.split())[:200] or "unreadable"
+    return DatabaseDamaged(f"the database {db_file} is damaged: {detail}; restore it from a backup")
+
+
+def _quick_check(connection: Any) -> str | None:
+    """What ``PRAGMA quick_check`` finds wrong (it reads every page), or None."""
+    try:
+        rows = connection.execute("PRAGMA quick_check").fetchall()
+    except (sqlcipher3.Error, MemoryError) as error:
+        # A page that fails SQLCipher's authentication code shows up as a
+        # logic error, then as MemoryError on every later statement.
+        return f"a page cannot be decrypted or read ({error or type(error).__name__})"
+    if [tuple(row) for row in rows] == [("ok",)]:
+        return None
+    return "; ".join(str(row[0]) for row in rows[:3])
 
 
 class Database:
@@ -104,50 +247,127 @@ class Database:
     @classmethod
     def create(cls, home: Path, passphrase: str, *, fast_kdf: bool = False) -> Database:
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if (home / DB_FILE).exists():
-            raise StorageError(f"{home} already holds a Pigeon identity")
+        db_file = home / DB_FILE
+        if db_file.exists() and not _is_empty(db_file):
+            raise StorageError(
+                f"{home} already holds a Pigeon identity (see it: pigeon id);"
+                f" to start over, move {home} aside first"
+            )
+        salt = os.urandom(pwhash.argon2id.SALTBYTES)
+        opslimit, memlimit = (
+            (pwhash.argon2id.OPSLIMIT_INTERACTIVE, pwhash.argon2id.MEMLIMIT_INTERACTIVE)
+            if fast_kdf
+            else (pwhash.argon2id.OPSLIMIT_MODERATE, pwhash.argon2id.MEMLIMIT_MODERATE)
+        )
+        key = _derive(passphrase, KeyParams(salt, opslimit, memlimit, None))
         params = {
             "kdf": "argon2id",
-            "salt": os.urandom(pwhash.argon2id.SALTBYTES).hex(),
-            "opslimit": pwhash.argon2id.OPSLIMIT_INTERACTIVE
-            if fast_kdf
-            else pwhash.argon2id.OPSLIMIT_MODERATE,
-            "memlimit": pwhash.argon2id.MEMLIMIT_INTERACTIVE
-            if fast_kdf
-            else pwhash.argon2id.MEMLIMIT_MODERATE,
+            "salt": salt.hex(),
+            "opslimit": opslimit,
+            "memlimit": memlimit,
+            "check": key_check(key),
         }
-        key_file = home / KEY_FILE
-        key_file.write_text(json.dumps(params))
-        key_file.chmod(0o600)
-        return cls.open(home, passphrase)
+        _write_key_file(home / KEY_FILE, params)
+        return cls._connect(db_file, key, create=True, key_checked=True)
 
     @classmethod
     def open(cls, home: Path, passphrase: str) -> Database:
+        """Open an existing database; never creates one."""
         key_file, db_file = home / KEY_FILE, home / DB_FILE
+        has_db = db_file.exists() and not _is_empty(db_file)
         try:
-            params = json.loads(key_file.read_text())
-            salt = bytes.fromhex(params["salt"])
-            key = derive_key(passphrase, salt, int(params["opslimit"]), int(params["memlimit"]))
+            text = key_file.read_bytes()
         except FileNotFoundError:
+            if has_db:
+                raise StorageError(
+                    f"the key file {key_file} is missing (it holds the only copy of the"
+                    " database's salt); restore it from a backup"
+                ) from None
             raise StorageError(f"no Pigeon identity in {home} (run: pigeon init)") from None
-        except (ValueError, KeyError, TypeError):
-            raise StorageError(f"{key_file} is damaged") from None
-        connection = sqlcipher3.connect(str(db_file), isolation_level=None, check_same_thread=False)
-        connection.execute("PRAGMA cipher_log_level = NONE")
-        connection.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
+        except OSError as error:
+            raise StorageError(f"cannot read {key_file}: {error.strerror}") from None
         try:
-            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        except sqlcipher3.DatabaseError:
-            connection.close()
-            raise WrongPassphrase(f"wrong passphrase for {home}") from None
-        db_file.chmod(0o600)
-        connection.execute("PRAGMA journal_mode = WAL")
-        connection.execute("PRAGMA synchronous = FULL")
-        connection.execute("PRAGMA secure_delete = ON")  # deleted rows are overwritten
-        connection.execute("PRAGMA foreign_keys = ON")
-        db = cls(connection, db_file)
-        db._migrate()
+            raw = json.loads(text)
+        except ValueError:
+            raw = None
+        params = _key_params(raw)
+        if isinstance(params, str):
+            raise StorageError(
+                f"the key file {key_file} is damaged ({params}); restore it from a backup"
+            )
+        if not db_file.exists():
+            raise StorageError(
+                f"the database {db_file} is missing: restore it from a backup,"
+                " or run pigeon init to start a new identity"
+            )
+        if not has_db:
+            raise StorageError(
+                f"the database {db_file} is empty (an interrupted pigeon init?):"
+                " run pigeon init to create your identity, or restore it from a backup"
+            )
+        key = _derive(passphrase, params)
+        if params.check is not None and not hmac.compare_digest(params.check, key_check(key)):
+            raise WrongPassphrase(f"wrong passphrase for {home}")
+        db = cls._connect(db_file, key, create=False, key_checked=params.check is not None)
+        if params.check is None:
+            # The passphrase is proven right: add the check, so that later damage
+            # is told apart from a wrong passphrase.  Best effort: the file works
+            # without it.
+            with suppress(OSError):
+                _write_key_file(key_file, {**raw, "check": key_check(key)})
         return db
+
+    @classmethod
+    def _connect(cls, db_file: Path, key: bytes, *, create: bool, key_checked: bool) -> Database:
+        # mode=rw: SQLite would otherwise create a missing file, and an empty
+        # database would pass for a new one.
+        uri = f"{db_file.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
+        try:
+            connection = sqlcipher3.connect(
+                uri, uri=True, isolation_level=None, check_same_thread=False
+            )
+        except sqlcipher3.Error as error:
+            raise StorageError(f"cannot open the database {db_file}: {error}") from None
+        try:
+            connection.execute("PRAGMA cipher_log_level = NONE")
+            connection.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
+            try:
+                connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            except sqlcipher3.DatabaseError as error:
+                if not key_checked:
+                    raise WrongPassphrase(
+                        f"cannot open {db_file}: the passphrase is wrong, or the database is"
+                        " damaged (if the passphrase is right, restore it from a backup)"
+                    ) from None
+                raise _damaged(db_file, str(error)) from None
+            problem = _quick_check(connection)
+            if problem is not None:
+                raise _damaged(db_file, problem)
+            db_file.chmod(0o600)
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = FULL")
+            connection.execute("PRAGMA secure_delete = ON")  # deleted rows are overwritten
+            connection.execute("PRAGMA foreign_keys = ON")
+            db = cls(connection, db_file)
+            db._migrate()
+        except BaseException as error:
+            connection.close()
+            if _is_damage(error):
+                raise _damaged(db_file, str(error)) from None
+            raise
+        return db
+
+    def damage(self, error: BaseException) -> DatabaseDamaged | None:
+        """If ``error``, raised while this database was in use, comes from a
+        damaged file, the error to show instead; None otherwise.  Any database
+        error (or MemoryError, see ``_quick_check``) is checked again against
+        every page, so "locked" and other passing errors are not called damage."""
+        if _is_damage(error):
+            return _damaged(self.path, str(error))
+        if not isinstance(error, sqlcipher3.Error | MemoryError):
+            return None
+        problem = _quick_check(self._db)
+        return None if problem is None else _damaged(self.path, problem)
 
     def close(self) -> None:
         self._db.close()
@@ -181,7 +401,10 @@ class Database:
             yield
         except BaseException:
             self._depth = 0
-            self._db.execute("ROLLBACK")
+            # SQLite has already rolled back after some errors (a damaged
+            # page): a second ROLLBACK would hide the real error.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
         self._depth = 0
         self._db.execute("COMMIT")

@@ -19,14 +19,24 @@ def env() -> dict[str, str]:
 
 
 def pigeon(
-    home: Path, *args: str, check: bool = True, timeout: float = 60
+    home: Path,
+    *args: str,
+    check: bool = True,
+    timeout: float = 60,
+    stdin: bytes | None = None,
 ) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [sys.executable, "-m", "pigeon.ui.cli", "--home", str(home), *args],
         capture_output=True,
-        text=True,
+        input=stdin if stdin is not None else b"",
         env=env(),
         timeout=timeout,
+    )
+    result = subprocess.CompletedProcess(
+        result.args,
+        result.returncode,
+        result.stdout.decode("utf-8", "replace"),
+        result.stderr.decode("utf-8", "replace"),
     )
     if check and result.returncode != 0:
         raise AssertionError(f"pigeon {' '.join(args)} failed: {result.stderr.strip()}")
@@ -67,8 +77,10 @@ class Daemon:
             time.sleep(0.1)
         raise AssertionError(f"daemon {self.name} did not start: {self.log.read_text()[-2000:]}")
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return pigeon(self.home, *args, check=check)
+    def cli(
+        self, *args: str, check: bool = True, stdin: bytes | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return pigeon(self.home, *args, check=check, stdin=stdin)
 
     def id(self) -> dict[str, Any]:
         return json.loads(self.cli("id", "--json").stdout)

@@ -31,11 +31,24 @@ class Terminal:
         self.screen = b""
 
     def type(self, text: str) -> None:
-        os.write(self.master, text.encode())
+        """Write as a terminal does, reading the screen meanwhile so that a
+        long input cannot fill the pseudo-terminal both ways and stall."""
+        data = text.encode()
+        while data:
+            _, writable, _ = select.select([], [self.master], [], 0.2)
+            if writable:
+                data = data[os.write(self.master, data[:4096]) :]
+            ready, _, _ = select.select([self.master], [], [], 0)
+            if ready:
+                try:
+                    self.screen += os.read(self.master, 65536)
+                except OSError:
+                    break
 
-    def read_until(self, needle: str, timeout: float = 20) -> str:
+    def read_until(self, needle: str, timeout: float = 20, count: int = 1) -> str:
+        """Read until ``needle`` has appeared ``count`` times in all."""
         deadline = time.monotonic() + timeout
-        while needle.encode() not in self.screen:
+        while self.screen.count(needle.encode()) < count:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{needle!r} never appeared in: {self.screen[-2000:]!r}")
             ready, _, _ = select.select([self.master], [], [], 0.2)
@@ -117,5 +130,36 @@ def test_inbox_follow_prints_new_messages_as_json_lines(tmp_path: Path):
             follower.wait()
             if follower.stdout:
                 follower.stdout.close()
+        alice.stop()
+        bob.stop()
+
+
+def test_chat_refuses_an_oversized_line_and_goes_on(tmp_path: Path):
+    """A line over the text limit is refused where it was typed (typed raw,
+    and pasted), nothing of it is sent, and the next line goes out.  A
+    refused message shows as failed, with why."""
+    alice = Daemon(tmp_path, "alice").start()
+    bob = Daemon(tmp_path, "bob", [alice.address]).start()
+    try:
+        alice.cli("contacts", "add", bob.id()["contact_code"], "--as", "bob")
+        terminal = Terminal(
+            [sys.executable, "-m", "pigeon.ui.cli", "--home", str(alice.home), "chat", "bob"]
+        )
+        terminal.read_until("Ctrl-D to leave")
+        # Bob has not added Alice yet: the first line is refused by his node
+        terminal.type("are you there?\r")
+        terminal.read_until("failed (refused by bob's node")
+        start = time.monotonic()
+        terminal.type("a" * 200_000 + "\r")  # typed, as a terminal without bracketed paste sends it
+        terminal.read_until("not sent: message too long")
+        terminal.type("\x1b[200~" + "b" * 1_000_000 + "\x1b[201~\r")  # a 1 MB paste
+        terminal.read_until("not sent: message too long", timeout=60, count=2)
+        assert time.monotonic() - start < 60
+        bob.cli("contacts", "add", alice.id()["contact_code"], "--as", "alice")
+        terminal.type("the next line\r")
+        wait_for(lambda: [m["text"] for m in bob.inbox()] == ["are you there?", "the next line"])
+        terminal.type("\x04")
+        assert terminal.close() == 0
+    finally:
         alice.stop()
         bob.stop()

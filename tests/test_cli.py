@@ -30,6 +30,35 @@ def test_demo_runs_real_nodes_and_a_conversation():
     assert len(numbers) == 2 and numbers[0] == numbers[1]
 
 
+def test_the_demo_notices_someone_in_between():
+    """The demo's safety numbers come from the keys each side received: when
+    Bob's contact code is swapped on its way to Alice, they differ, and the
+    demo says so and fails."""
+    import os
+
+    from pigeon.protocol import ContactCode, IdentityKeyPair
+    from pigeon.ui.demo import run_demo
+
+    mallory = IdentityKeyPair.generate(os.urandom)
+
+    def swap_bobs_code(code: str) -> str:
+        parsed = ContactCode.parse(code)
+        if parsed.name != "bob":
+            return code
+        return ContactCode(mallory.public_key, "bob", parsed.addresses).to_uri()
+
+    lines: list[str] = []
+    assert run_demo(lines.append, swap_bobs_code) == 1
+    assert "safety numbers differ: someone sits in between; stopping" in lines
+    numbers = [line.split("safety number ")[1] for line in lines if "safety number " in line]
+    assert len(numbers) == 2 and numbers[0] != numbers[1]
+
+
+def test_demo_help_says_what_it_runs():
+    result = subprocess.run([pigeon(), "--help"], capture_output=True, text=True, timeout=60)
+    assert "run three real nodes here" in " ".join(result.stdout.split())
+
+
 def test_unknown_command_fails_with_usage():
     result = subprocess.run([pigeon(), "fly"], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0

@@ -1,5 +1,6 @@
 """Conversations over real databases, without a network: envelopes are handed
-from one node's outbox to the other's accept_envelopes by hand."""
+from one node's outbox to the other's accept_envelopes by hand, as the
+courier would (encrypt the queue, deliver, settle each envelope by its ack)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from pigeon.node.conversations import RETIRED_PREKEY_KEPT, Conversations, UnknownContact
+from pigeon.node.contacts import ContactExists, UnknownContact
+from pigeon.node.conversations import MAX_AUTO_RESENDS, MESSAGE_TTL, Conversations, NoSession
+from pigeon.node.prekeys import RETIRED_PREKEY_KEPT
 from pigeon.node.storage import Database
-from pigeon.protocol import ContactCode, DecryptError, DirectoryRecord
+from pigeon.protocol import (
+    MAX_TEXT_BYTES,
+    ContactCode,
+    DecryptError,
+    DirectoryRecord,
+    IdentityKeyPair,
+    LocalProtocolError,
+    PigeonError,
+)
 
 
 class Clock:
@@ -21,96 +32,158 @@ class Clock:
         return self.now
 
 
-def make(root: Path, name: str, clock: Clock) -> Conversations:
+def make(root: Path, name: str, clock: Clock, seed: bytes | None = None) -> Conversations:
     db = Database.create(root / name, "pw", fast_kdf=True)
-    Conversations.initialise(db, name, os.urandom)
+    seeds = [seed] if seed is not None else []
+
+    def random(n: int) -> bytes:
+        return seeds.pop() if seeds and n == 32 else os.urandom(n)
+
+    Conversations.initialise(db, name, random)
     return Conversations(db, os.urandom, clock)
 
 
+def make_two(root: Path, clock: Clock, order: str) -> tuple[Conversations, Conversations]:
+    """Alice and Bob, with Alice's identity key the lower one or the higher one:
+    when both start a session, the lower key's wins, so outcomes that depend
+    on it are tested both ways."""
+    seeds = sorted((os.urandom(32) for _ in range(2)), key=lambda s: IdentityKeyPair(s).public_key)
+    if order == "alice higher":
+        seeds.reverse()
+    alice, bob = make(root, "alice", clock, seeds[0]), make(root, "bob", clock, seeds[1])
+    lower = alice.identity.public_key < bob.identity.public_key
+    assert lower == (order == "alice lower")
+    return alice, bob
+
+
+ORDERS = pytest.mark.parametrize("order", ["alice lower", "alice higher"])
+
+
 def record_of(conv: Conversations) -> DirectoryRecord:
-    now = conv.clock()
+    now = conv.now()
     return DirectoryRecord(
-        conv.identity.public_key, conv.name, 1, now, now + 3600, conv.current_signed_prekey()
+        conv.identity.public_key, conv.name, 1, now, now + 3600, conv.prekeys.current_signed()
     )
 
 
+def befriend(a: Conversations, b: Conversations, alias: str | None = None) -> None:
+    a.contacts.add(ContactCode(b.identity.public_key, b.name), alias, a.now())
+
+
 def flush(sender: Conversations, receiver: Conversations) -> list[object]:
+    """Encrypt the sender's queue for the receiver (starting a session from the
+    receiver's record when needed) and deliver the outbox directly."""
     key = receiver.identity.public_key
+    if sender.needs_session(key):
+        sender.encrypt_queued(key, record_of(receiver))
+    else:
+        sender.encrypt_queued(key)
     pending = sender.pending_envelopes(key)
     results = receiver.accept_envelopes([e for _, e in pending])
-    sender.acknowledged([d for d, _ in pending])
+    stored = [
+        d for (d, _), r in zip(pending, results, strict=True) if not isinstance(r, PigeonError)
+    ]
+    refused = [d for (d, _), r in zip(pending, results, strict=True) if isinstance(r, PigeonError)]
+    sender.stored(stored)
+    sender.refused(refused, "refused")
     return results
 
 
-@pytest.fixture
-def pair(tmp_path: Path) -> tuple[Conversations, Conversations, Clock]:
+def exchange(a: Conversations, b: Conversations, rounds: int = 4) -> None:
+    for _ in range(rounds):
+        flush(a, b)
+        flush(b, a)
+
+
+def texts(conv: Conversations, direction: str = "in") -> list[str]:
+    return [str(m["text"]) for m in conv.inbox() if m["direction"] == direction]
+
+
+def statuses(conv: Conversations) -> list[str]:
+    return [str(m["status"]) for m in conv.inbox() if m["direction"] == "out"]
+
+
+@pytest.fixture(params=["alice lower", "alice higher"])
+def pair(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> tuple[Conversations, Conversations, Clock]:
     clock = Clock()
-    alice, bob = make(tmp_path, "alice", clock), make(tmp_path, "bob", clock)
-    alice.add_contact(ContactCode(bob.identity.public_key, "bob"), "bobby")
-    bob.add_contact(ContactCode(alice.identity.public_key, "alice"))
+    alice, bob = make_two(tmp_path, clock, request.param)
+    befriend(alice, bob, "bobby")
+    befriend(bob, alice)
     return alice, bob, clock
 
 
 def test_messages_receipts_and_statuses(pair):
     alice, bob, _ = pair
     a_key, b_key = alice.identity.public_key, bob.identity.public_key
-    alice.send_text(b_key, "one", record_of(bob))
+    alice.send_text(b_key, "one")
     alice.send_text(b_key, "two")
-    assert [m["status"] for m in alice.inbox()] == ["pending", "pending"]
+    assert statuses(alice) == ["pending", "pending"]
     flush(alice, bob)
-    assert [m["text"] for m in bob.inbox()] == ["one", "two"]
-    assert [m["status"] for m in alice.inbox()] == ["sent", "sent"]
+    assert texts(bob) == ["one", "two"]
+    assert statuses(alice) == ["sent", "sent"]
     flush(bob, alice)  # the delivery receipt
-    assert [m["status"] for m in alice.inbox()] == ["delivered", "delivered"]
+    assert statuses(alice) == ["delivered", "delivered"]
+    assert alice.db.one("SELECT count(*) FROM pending_out")[0] == 0  # confirmed: forgotten
     assert bob.mark_read(a_key) == 2
     flush(bob, alice)  # the read receipt
-    assert [m["status"] for m in alice.inbox()] == ["read", "read"]
+    assert statuses(alice) == ["read", "read"]
+
+
+def test_nothing_is_encrypted_without_a_session_or_a_record(pair):
+    alice, bob, _ = pair
+    b_key = bob.identity.public_key
+    alice.send_text(b_key, "waits")
+    assert alice.needs_session(b_key)
+    with pytest.raises(NoSession):
+        alice.encrypt_queued(b_key)
+    assert alice.pending_envelopes(b_key) == []
+    alice.note_waiting(b_key, "waiting for the record")
+    assert [m["reason"] for m in alice.inbox()] == ["waiting for the record"]
+    flush(alice, bob)
+    assert texts(bob) == ["waits"]
+    assert [m["reason"] for m in alice.inbox()] == [None]
 
 
 def test_a_redelivered_envelope_is_a_duplicate_not_an_error(pair):
     alice, bob, _ = pair
-    alice.send_text(bob.identity.public_key, "once", record_of(bob))
+    alice.send_text(bob.identity.public_key, "once")
+    alice.encrypt_queued(bob.identity.public_key, record_of(bob))
     ((_, envelope),) = alice.pending_envelopes(bob.identity.public_key)
     first, again = bob.accept_envelopes([envelope, envelope])
-    assert not first.duplicate and again.duplicate
-    assert [m["text"] for m in bob.inbox()] == ["once"]
+    assert first.app is not None and first.new
+    assert again.app is None and not again.new
+    assert texts(bob) == ["once"]
 
 
 def test_a_bad_envelope_in_a_batch_leaves_no_trace_and_spares_the_rest(pair):
     alice, bob, _ = pair
-    alice.send_text(bob.identity.public_key, "good", record_of(bob))
+    alice.send_text(bob.identity.public_key, "good")
+    alice.encrypt_queued(bob.identity.public_key, record_of(bob))
     ((_, good),) = alice.pending_envelopes(bob.identity.public_key)
     bad = bytearray(good)
     bad[-20] ^= 1
     results = bob.accept_envelopes([bytes(bad), good])
     assert isinstance(results[0], DecryptError)
-    assert [m["text"] for m in bob.inbox()] == ["good"]
+    assert texts(bob) == ["good"]
 
 
 def test_simultaneous_start_converges_on_one_session(pair):
     alice, bob, _ = pair
     a_key, b_key = alice.identity.public_key, bob.identity.public_key
-    alice.send_text(b_key, "from alice", record_of(bob))
-    bob.send_text(a_key, "from bob", record_of(alice))
-    flush(alice, bob)
-    flush(bob, alice)
+    alice.send_text(b_key, "from alice")
+    bob.send_text(a_key, "from bob")
+    alice.encrypt_queued(b_key, record_of(bob))
+    bob.encrypt_queued(a_key, record_of(alice))
+    exchange(alice, bob)
     for i in range(3):
         alice.send_text(b_key, f"a{i}")
         bob.send_text(a_key, f"b{i}")
-        flush(alice, bob)
-        flush(bob, alice)
-    assert [m["text"] for m in bob.inbox() if m["direction"] == "in"] == [
-        "from alice",
-        "a0",
-        "a1",
-        "a2",
-    ]
-    assert [m["text"] for m in alice.inbox() if m["direction"] == "in"] == [
-        "from bob",
-        "b0",
-        "b1",
-        "b2",
-    ]
+        exchange(alice, bob)
+    assert texts(bob) == ["from alice", "a0", "a1", "a2"]
+    assert texts(alice) == ["from bob", "b0", "b1", "b2"]
+    assert statuses(alice) == statuses(bob) == ["delivered"] * 4
     for conv, other in ((alice, b_key), (bob, a_key)):
         active = conv.db.all(
             "SELECT base_key FROM sessions WHERE identity_key = ? AND active = 1", (other,)
@@ -123,7 +196,8 @@ def test_simultaneous_start_converges_on_one_session(pair):
 
 def test_a_replayed_first_message_creates_nothing(pair):
     alice, bob, _ = pair
-    alice.send_text(bob.identity.public_key, "hello", record_of(bob))
+    alice.send_text(bob.identity.public_key, "hello")
+    alice.encrypt_queued(bob.identity.public_key, record_of(bob))
     ((_, envelope),) = alice.pending_envelopes(bob.identity.public_key)
     bob.accept_envelopes([envelope])
     bob.db.execute("DELETE FROM received_envelopes")  # defeat the cheap check
@@ -137,22 +211,275 @@ def test_signed_prekey_rotates_and_the_previous_one_stays_usable(pair):
     alice, bob, clock = pair
     old_record = record_of(bob)
     clock.now += 8 * 24 * 3600
-    new = bob.current_signed_prekey()
+    new = bob.prekeys.current_signed()
     assert new.prekey_id == old_record.signed_prekey.prekey_id + 1
     # Alice still holds the old record: her first message must still work
-    alice.send_text(bob.identity.public_key, "in flight", old_record)
+    alice.send_text(bob.identity.public_key, "in flight")
+    alice.encrypt_queued(bob.identity.public_key, old_record)
     flush(alice, bob)
-    assert [m["text"] for m in bob.inbox()] == ["in flight"]
+    assert texts(bob) == ["in flight"]
     clock.now += RETIRED_PREKEY_KEPT + 8 * 24 * 3600
-    bob.current_signed_prekey()
-    assert bob._signed_prekey_private(old_record.signed_prekey.prekey_id) is None
+    bob.prekeys.current_signed()
+    assert bob.prekeys.signed_private(old_record.signed_prekey.prekey_id) is None
 
 
-def test_contacts_are_found_by_alias_name_or_id(pair):
+# -- no silent loss ------------------------------------------------------------------
+
+
+@ORDERS
+def test_a_message_to_someone_who_has_not_added_us_fails_then_arrives_once_they_do(tmp_path, order):
+    """Alice adds Bob; Bob has not added Alice.  Her message is refused: it
+    reads failed, with the reason, never sent.  Once Bob adds her and writes
+    to her, it is sent again and arrives once."""
+    clock = Clock()
+    alice, bob = make_two(tmp_path, clock, order)
+    a_key, b_key = alice.identity.public_key, bob.identity.public_key
+    befriend(alice, bob)
+    alice.send_text(b_key, "hello bob")
+    results = flush(alice, bob)
+    assert isinstance(results[0], DecryptError)  # the same opaque refusal as garbage
+    assert texts(bob) == []
+    (message,) = [m for m in alice.inbox() if m["direction"] == "out"]
+    assert message["status"] == "failed" and message["reason"] == "refused"
+    assert bob.db.one("SELECT count(*) FROM sessions")[0] == 0  # nothing kept for a stranger
+    assert bob.db.one("SELECT count(*) FROM pending_out")[0] == 0  # and nothing said to one
+
+    befriend(bob, alice)
+    bob.send_text(a_key, "hi alice, added you")
+    exchange(bob, alice)
+    assert texts(bob) == ["hello bob"]
+    assert texts(alice) == ["hi alice, added you"]
+    assert statuses(alice) == ["delivered"] and statuses(bob) == ["delivered"]
+
+
+@ORDERS
+def test_a_message_left_with_a_mailbox_for_someone_who_refused_it_arrives_once_they_write(
+    tmp_path, order
+):
+    """The same, but the envelope was stored by a mailbox (so Alice sees sent,
+    which is true) and Bob refused it when he collected it, telling a stranger
+    nothing.  When Bob writes first, Alice sends it again."""
+    clock = Clock()
+    alice, bob = make_two(tmp_path, clock, order)
+    a_key, b_key = alice.identity.public_key, bob.identity.public_key
+    befriend(alice, bob)
+    alice.send_text(b_key, "left with a mailbox")
+    alice.encrypt_queued(b_key, record_of(bob))
+    pending = alice.pending_envelopes(b_key)
+    alice.stored([d for d, _ in pending])  # a mailbox stored it
+    assert statuses(alice) == ["sent"]
+    assert isinstance(bob.accept_envelopes([e for _, e in pending])[0], DecryptError)
+
+    befriend(bob, alice)
+    bob.send_text(a_key, "now I know you")
+    exchange(bob, alice)
+    assert texts(bob) == ["left with a mailbox"]
+    assert statuses(alice) == ["delivered"]
+
+
+def test_a_contact_who_lost_our_session_asks_for_a_new_one_and_everything_arrives(pair):
+    """Bob loses his sessions (a restored backup, a reset database).  Alice's
+    next messages cannot be read: Bob refuses them and, in a fresh session,
+    says so; Alice moves to that session and sends again whatever Bob has not
+    confirmed.  Every message arrives exactly once."""
+    alice, bob, clock = pair
+    a_key, b_key = alice.identity.public_key, bob.identity.public_key
+    alice.send_text(b_key, "before")
+    exchange(alice, bob)
+    assert texts(bob) == ["before"]
+    bob.db.execute("DELETE FROM sessions")
+
+    alice.send_text(b_key, "after 1")
+    alice.send_text(b_key, "after 2")
+    results = flush(alice, bob)
+    assert all(isinstance(r, DecryptError) for r in results)
+    assert statuses(alice) == ["delivered", "failed", "failed"]
+    assert bob.db.one("SELECT count(*) FROM pending_out")[0] == 1  # the reset waits to go
+    clock.now += 1
+    exchange(bob, alice)
+    assert texts(bob) == ["before", "after 1", "after 2"]
+    assert statuses(alice) == ["delivered"] * 3
+    a_active = alice.db.one("SELECT base_key FROM sessions WHERE active = 1")[0]
+    b_active = bob.db.one("SELECT base_key FROM sessions WHERE active = 1")[0]
+    assert a_active == b_active
+    # the conversation goes on in the new session
+    bob.send_text(a_key, "and on")
+    alice.send_text(b_key, "and on too")
+    exchange(alice, bob)
+    assert texts(alice) == ["and on"] and texts(bob)[-1] == "and on too"
+
+
+def test_a_session_against_a_prekey_the_contact_deleted_heals(pair):
+    """Alice starts a session from a record whose signed prekey Bob has since
+    deleted: every message in it is refused, Bob asks for a new session, and
+    the messages arrive in it."""
+    alice, bob, clock = pair
+    b_key = bob.identity.public_key
+    stale = record_of(bob)
+    clock.now += 8 * 24 * 3600
+    bob.prekeys.current_signed()
+    clock.now += RETIRED_PREKEY_KEPT + 8 * 24 * 3600
+    bob.prekeys.current_signed()
+    assert bob.prekeys.signed_private(stale.signed_prekey.prekey_id) is None
+    alice.send_text(b_key, "from a stale record")
+    alice.encrypt_queued(b_key, stale)
+    flush(alice, bob)
+    assert statuses(alice) == ["failed"]
+    exchange(bob, alice)
+    assert texts(bob) == ["from a stale record"]
+    assert statuses(alice) == ["delivered"]
+
+
+def test_resets_are_rate_limited(pair):
+    alice, bob, clock = pair
+    b_key = bob.identity.public_key
+    alice.send_text(b_key, "x")
+    exchange(alice, bob)
+    bob.db.execute("DELETE FROM sessions")
+    for i in range(5):
+        alice.send_text(b_key, f"unreadable {i}")
+        flush(alice, bob)
+    resets = bob.db.one("SELECT count(*) FROM pending_out")[0]
+    assert resets == 1
+    clock.now += 61
+    alice.send_text(b_key, "later")
+    flush(alice, bob)
+    assert bob.db.one("SELECT count(*) FROM pending_out")[0] == 2
+
+
+def test_failed_messages_are_sent_again_a_few_times_when_the_contact_is_in_touch(pair):
+    alice, bob, _ = pair
+    b_key = bob.identity.public_key
+    alice.send_text(b_key, "refused")
+    alice.encrypt_queued(b_key, record_of(bob))
+    alice.refused([d for d, _ in alice.pending_envelopes(b_key)], "refused")
+    for _ in range(MAX_AUTO_RESENDS):
+        assert alice.retry_failed(b_key) == 1
+        alice.encrypt_queued(b_key)
+        assert statuses(alice) == ["pending"]
+        alice.refused([d for d, _ in alice.pending_envelopes(b_key)], "refused again")
+        assert statuses(alice) == ["failed"]
+    assert alice.retry_failed(b_key) == 0  # given up: it stays failed, with its reason
+    assert [m["reason"] for m in alice.inbox()] == ["refused again"]
+
+
+def test_a_message_from_the_contact_sends_failed_ones_again(pair):
+    """A refusal that was not about the session (the contact had not added us
+    yet, say): the next message from the contact shows they accept us now."""
+    alice, bob, _ = pair
+    a_key, b_key = alice.identity.public_key, bob.identity.public_key
+    alice.send_text(b_key, "hello")
+    exchange(alice, bob)
+    alice.send_text(b_key, "refused once")
+    alice.encrypt_queued(b_key)
+    alice.refused([d for d, _ in alice.pending_envelopes(b_key)], "refused")
+    assert statuses(alice) == ["delivered", "failed"]
+    bob.send_text(a_key, "I am here")
+    exchange(bob, alice)
+    assert texts(bob) == ["hello", "refused once"]
+    assert statuses(alice) == ["delivered", "delivered"]
+
+
+def test_messages_not_delivered_in_30_days_fail_and_say_so(pair):
+    alice, bob, clock = pair
+    b_key = bob.identity.public_key
+    alice.send_text(b_key, "to a contact gone for good")
+    alice.encrypt_queued(b_key, record_of(bob))
+    alice.stored([d for d, _ in alice.pending_envelopes(b_key)])  # a mailbox has it
+    clock.now += MESSAGE_TTL - 10
+    assert alice.expire_undelivered() == 0
+    clock.now += 20
+    assert alice.expire_undelivered() == 1
+    (message,) = alice.inbox()
+    assert message["status"] == "failed"
+    assert message["reason"] == "not delivered within 30 days"
+    assert alice.pending_envelopes(b_key) == []
+
+
+def test_text_limits_are_one_documented_limit(pair):
+    alice, bob, _ = pair
+    b_key = bob.identity.public_key
+    with pytest.raises(LocalProtocolError, match="too long"):
+        alice.send_text(b_key, "é" * (MAX_TEXT_BYTES // 2 + 1))
+    with pytest.raises(LocalProtocolError, match="empty"):
+        alice.send_text(b_key, "")
+    longest = "é" * (MAX_TEXT_BYTES // 2)
+    with_nul = "before\x00after"
+    alice.send_text(b_key, longest)
+    alice.send_text(b_key, with_nul)
+    alice.encrypt_queued(b_key, record_of(bob))
+    sizes = [len(e) for _, e in alice.pending_envelopes(b_key)]
+    assert max(sizes) <= 65536 + 97  # the longest text still pads to the 64 KiB bucket
+    flush(alice, bob)
+    assert texts(bob) == [longest, with_nul]  # whole, NUL and all
+
+
+# -- contacts ------------------------------------------------------------------------
+
+
+def test_contacts_are_found_by_label_name_or_id(pair):
     alice, bob, _ = pair
     bob_id = bob.identity.identity_id.hex()
-    assert alice.find_contact("bobby").identity_id == bob_id
-    assert alice.find_contact("bob").identity_id == bob_id
-    assert alice.find_contact(bob_id[:10]).identity_id == bob_id
+    assert alice.contacts.find("bobby").identity_id == bob_id
+    assert alice.contacts.find("BOBBY").identity_id == bob_id
+    assert alice.contacts.find("bob").identity_id == bob_id  # the name, when unique
+    assert alice.contacts.find(bob_id[:10]).identity_id == bob_id
     with pytest.raises(UnknownContact, match="unknown contact 'carol'"):
-        alice.find_contact("carol")
+        alice.contacts.find("carol")
+
+
+def test_labels_are_unique_and_re_adding_never_renames(tmp_path):
+    clock = Clock()
+    alice, bob, bob2 = (make(tmp_path, n, clock) for n in ("alice", "bob", "bob2"))
+    code = ContactCode(bob.identity.public_key, "bob")
+    contact, added = alice.contacts.add(code, None, clock())
+    assert added and contact.label == "bob"
+    again, added = alice.contacts.add(code, None, clock())
+    assert not added and again.label == "bob"
+    with pytest.raises(ContactExists, match="already a contact; to rename"):
+        alice.contacts.add(code, "robert", clock())
+    assert alice.contacts.find("bob").label == "bob"
+    # a second contact may not take the first one's label, as a name or an alias
+    other = ContactCode(bob2.identity.public_key, "Bob")
+    with pytest.raises(ContactExists, match="already called 'bob'"):
+        alice.contacts.add(other, None, clock())
+    with pytest.raises(ContactExists, match="already called 'bob'"):
+        alice.contacts.add(ContactCode(bob2.identity.public_key, "x"), "bob", clock())
+    second, _ = alice.contacts.add(other, "bob at work", clock())
+    assert alice.contacts.find("bob").identity_key == bob.identity.public_key
+    assert alice.contacts.find("bob at work").identity_key == bob2.identity.public_key
+    # renaming checks the same
+    with pytest.raises(ContactExists):
+        alice.contacts.rename(second, "BOB")
+    renamed = alice.contacts.rename(second, "robert")
+    assert alice.contacts.find("robert").identity_key == renamed.identity_key
+
+
+def test_an_address_in_a_code_must_be_dialable(pair):
+    alice, _, clock = pair
+    carol = make(Path(alice.db.path).parent.parent, "carol", clock)
+    for address in ("/ip4/999.0.0.1/tcp/1/p2p/x", "/garbage", "/ip4/127.0.0.1/tcp/4001"):
+        code = ContactCode(carol.identity.public_key, "carol", (address,))
+        with pytest.raises(PigeonError, match="cannot be dialled"):
+            alice.contacts.add(code, None, clock())
+    with pytest.raises(UnknownContact):
+        alice.contacts.find("carol")
+
+
+def test_removing_a_contact_forgets_everything_about_it(pair):
+    alice, bob, _ = pair
+    b_key = bob.identity.public_key
+    alice.send_text(b_key, "one")
+    exchange(alice, bob)
+    alice.send_text(b_key, "unsent")
+    removed = alice.contacts.remove(alice.contacts.find("bobby"))
+    assert removed == {"messages": 2, "unsent": 1}
+    for table, column in (
+        ("messages", "contact"),
+        ("sessions", "identity_key"),
+        ("pending_out", "contact"),
+        ("outbox", "contact"),
+    ):
+        assert alice.db.one(f"SELECT count(*) FROM {table} WHERE {column} = ?", (b_key,))[0] == 0
+    with pytest.raises(UnknownContact):
+        alice.contacts.find("bobby")

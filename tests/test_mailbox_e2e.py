@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import multiaddr
 import pytest
@@ -97,7 +99,10 @@ def test_offline_delivery_survives_a_mailbox_killed_midway(net):
         timeout=90,
     )
     # the session started with a one-time prekey that one of Bob's mailboxes handed out
-    assert "starting a session with bob with a one-time prekey" in alice.log.read_text()
+    bob_id = bob.id()["identity_id"][:8]
+    assert (
+        f"starting a session with contact {bob_id} with a one-time prekey" in alice.log.read_text()
+    )
 
 
 def _peer_of(daemon: Daemon) -> str:
@@ -251,12 +256,86 @@ def test_a_connected_owner_gets_a_push(tmp_path: Path):
             node.stop()
 
 
+class HeldDatabase(Database):
+    """A real connection that calls ``hold`` just before it deletes a mailbox
+    prekey: after reading the last prekey, before forgetting it."""
+
+    hold: Callable[[], None] | None = None
+
+    def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Any:
+        if self.hold is not None and sql.lstrip().upper().startswith("DELETE FROM MAILBOX_PREKEYS"):
+            self.hold()
+        return super().execute(sql, params)
+
+
+async def take_prekeys_at_once(hosts: list[Any], info: Any, mailbox: bytes) -> list[bytes]:
+    """One TAKE_PREKEY from each host, all in flight together: every host opens
+    its stream, then every host writes its request, and only when all are
+    written does any of them read its answer."""
+    from pigeon.node.framing import read_frame
+    from pigeon.protocol.mailbox import MAX_RESPONSE_SIZE, Response
+
+    opened, written = trio.Event(), trio.Event()
+    counts = {"opened": 0, "written": 0}
+    answers: list[bytes] = [b""] * len(hosts)
+
+    async def arrived(step: str, event: trio.Event) -> None:
+        counts[step] += 1
+        if counts[step] == len(hosts):
+            event.set()
+        await event.wait()
+
+    async def take(index: int, host: Any) -> None:
+        await host.connect(info)
+        stream = await host.new_stream(info.peer_id, [MAILBOX_PROTOCOL])
+        try:
+            await arrived("opened", opened)
+            await stream.write(frame(Request(Op.TAKE_PREKEY, mailbox).encode()))
+            await arrived("written", written)
+            reply = Response.decode(await read_frame(stream, MAX_RESPONSE_SIZE))
+            assert reply.ok, reply.error
+            answers[index] = reply.prekey
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await stream.close()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for index, host in enumerate(hosts):
+                nursery.start_soon(take, index, host)
+    return answers
+
+
 def test_two_senders_racing_for_the_last_one_time_prekey(tmp_path: Path):
+    """Senders whose TAKE_PREKEY requests are in flight at the same time ask a
+    real mailbox daemon for its owner's last one-time prekey: it goes to one
+    of them, once, and the other gets none.
+
+    The daemon answers requests one at a time on its one database connection,
+    so overlapping requests alone never interleave inside ``take_prekey``; the
+    transaction there is what keeps a second connection to the same database
+    from handing out the same prekey.  So the last round opens one (a second
+    server of the same mailbox) and holds its own take between reading the
+    last prekey and deleting it while the two senders' requests arrive at the
+    daemon: with the transaction the daemon waits and hands out nothing;
+    without it the prekey goes out twice."""
+    from pigeon.node.mailbox import MailboxLimits, MailboxStore
     from pigeon.protocol import IdentityKeyPair, OneTimePrekey
 
     box = Daemon(tmp_path, "box", [], BOX).start()
     owner, identity = SigningKey(os.urandom(32)), IdentityKeyPair.generate(os.urandom)
-    rounds, winners = 10, []
+    rounds = 5  # the senders alone, then one more with the held second connection
+    handed_out: list[list[str]] = []
+    second: HeldDatabase | None = None
+    local_has_read, senders_answered = threading.Event(), threading.Event()
+    held: list[bool] = []
+
+    def hold() -> None:
+        held.append(True)
+        local_has_read.set()
+        # the daemon answers at once unless it waits for this connection's write
+        # lock; then give up after a while (well within its 5 s busy timeout)
+        senders_answered.wait(timeout=2.0)
 
     async def scenario() -> None:
         hosts = [build_host(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"]) for _ in range(3)]
@@ -272,7 +351,8 @@ def test_two_senders_racing_for_the_last_one_time_prekey(tmp_path: Path):
                     hosts[0], info, [Request(Op.REGISTER, public_key=bytes(owner.verify_key))]
                 )
                 mailbox = reply.item_id
-                for n in range(1, rounds + 1):
+
+                async def add_last_prekey(n: int) -> bytes:
                     prekey = OneTimePrekey.create(identity, n, os.urandom)[0].encode()
                     (challenge,) = await call(hosts[0], info, [Request(Op.CHALLENGE, mailbox)])
                     signature = owner.sign(
@@ -291,23 +371,52 @@ def test_two_senders_racing_for_the_last_one_time_prekey(tmp_path: Path):
                             )
                         ],
                     )
-                    assert added.ok and added.prekeys_left == 1
-                    got: list[bytes] = []
+                    assert added.ok and added.prekeys_left == 1  # none left from the round before
+                    return prekey
 
-                    async def take(host: object, into: list[bytes]) -> None:
-                        (r,) = await call(host, info, [Request(Op.TAKE_PREKEY, mailbox)])
-                        into.append(r.prekey)
+                def who_got(prekey: bytes, takers: dict[str, bytes | BaseException]) -> list[str]:
+                    for name, got in takers.items():
+                        assert not isinstance(got, BaseException), f"{name}: {got!r}"
+                        assert got in (b"", prekey), f"{name} got another prekey"
+                    return sorted(name for name, got in takers.items() if got)
 
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(take, hosts[1], got)
-                        nursery.start_soon(take, hosts[2], got)
-                    winners.append(sum(1 for p in got if p))
+                for n in range(1, rounds + 1):
+                    prekey = await add_last_prekey(n)
+                    carol, dave = await take_prekeys_at_once(hosts[1:], info, mailbox)
+                    handed_out.append(who_got(prekey, {"carol": carol, "dave": dave}))
+
+                prekey = await add_last_prekey(rounds + 1)
+                local: dict[str, bytes | BaseException] = {}
+
+                def take_on_the_second_connection() -> None:
+                    try:
+                        local["second connection"] = MailboxStore(
+                            second, MailboxLimits()
+                        ).take_prekey(mailbox)
+                    except BaseException as error:
+                        local["second connection"] = error
+                    finally:
+                        local_has_read.set()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trio.to_thread.run_sync, take_on_the_second_connection)
+                    await trio.to_thread.run_sync(local_has_read.wait, 30)
+                    try:
+                        carol, dave = await take_prekeys_at_once(hosts[1:], info, mailbox)
+                    finally:
+                        senders_answered.set()
+                handed_out.append(who_got(prekey, {**local, "carol": carol, "dave": dave}))
             finally:
                 for host in hosts:
                     await close_host(host)
 
     try:
+        second = HeldDatabase.open(box.home, PASSPHRASE)
+        second.hold = hold
         trio.run(scenario)
     finally:
+        if second is not None:
+            second.close()
         box.stop()
-    assert winners == [1] * rounds  # never both, never neither
+    assert held == [True]  # the second connection really held the last prekey once
+    assert [len(names) for names in handed_out] == [1] * (rounds + 1), handed_out

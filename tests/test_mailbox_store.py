@@ -4,7 +4,10 @@ network: quotas, rate limit, expiry, owner-only pickup, replayed proofs."""
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -15,7 +18,16 @@ from pigeon.node.mailbox import MailboxLimits, MailboxService, MailboxStore
 from pigeon.node.storage import Database
 from pigeon.protocol import ProtocolError
 from pigeon.protocol.envelope import MAX_ENVELOPE
-from pigeon.protocol.mailbox import Op, Request, Response, mailbox_id, proof_message
+from pigeon.protocol.mailbox import (
+    MAX_ITEMS,
+    MAX_PAGE_BYTES,
+    MAX_RESPONSE_SIZE,
+    Op,
+    Request,
+    Response,
+    mailbox_id,
+    proof_message,
+)
 
 LIMITS = MailboxLimits(quota_messages=5, quota_bytes=5000, deposits_per_minute=8)
 
@@ -27,7 +39,7 @@ def service(tmp_path: Path) -> MailboxService:
 
 
 def ask(service: MailboxService, request: Request, peer: str = "peer") -> Response:
-    return Response.decode(service.answer(request.encode(), peer).encode(), MAX_ENVELOPE)
+    return Response.decode(service.answer(request.encode(), peer).encode())
 
 
 def register(service: MailboxService) -> tuple[SigningKey, bytes]:
@@ -51,6 +63,37 @@ def test_deposit_fetch_delete(service):
     assert [i.envelope for i in items] == [b"sealed 0", b"sealed 1", b"sealed 2"]
     assert ask(service, proven(service, key, Op.DELETE, box, [i.item_id for i in items])).ok
     assert ask(service, proven(service, key, Op.FETCH, box)).items == ()
+
+
+def test_a_pickup_is_paged_by_bytes_and_count(tmp_path: Path):
+    """Whatever a mailbox holds, one FETCH reply stays under the owner's
+    frame limit: items up to MAX_PAGE_BYTES (one alone when larger) or
+    MAX_ITEMS, and ``more`` says whether to ask again."""
+    limits = MailboxLimits(quota_messages=10_000, quota_bytes=1 << 30, deposits_per_minute=10**6)
+    db = Database.create(tmp_path / "box", "pw", fast_kdf=True)
+    service = MailboxService(MailboxStore(db, limits), limits)
+    key, box = register(service)
+    big = [os.urandom(MAX_ENVELOPE) for _ in range(3)]  # each over a page alone
+    middling = [os.urandom(300_000) for _ in range(5)]
+    small = [b"s%04d" % i for i in range(MAX_ITEMS + 10)]
+    for envelope in big + middling + small:
+        assert ask(service, Request(Op.DEPOSIT, box, envelope=envelope)).ok
+    pages = []
+    while True:
+        request = proven(service, key, Op.FETCH, box)
+        encoded = service.answer(request.encode(), "owner").encode()
+        assert len(encoded) <= MAX_RESPONSE_SIZE
+        reply = Response.decode(encoded)
+        pages.append([item.envelope for item in reply.items])
+        ids = [item.item_id for item in reply.items]
+        assert ask(service, proven(service, key, Op.DELETE, box, ids)).ok
+        if not reply.more:
+            break
+    assert [len(page) for page in pages[:3]] == [1, 1, 1]  # one large envelope each
+    assert all(sum(map(len, page)) <= MAX_PAGE_BYTES for page in pages[3:])
+    assert all(len(page) <= MAX_ITEMS for page in pages)
+    assert [e for page in pages for e in page] == big + middling + small  # all, in order, once
+    assert pages[-1] and ask(service, proven(service, key, Op.FETCH, box)).items == ()
 
 
 def test_a_stranger_cannot_fetch_or_delete(service):
@@ -177,27 +220,89 @@ def test_one_time_prekeys_are_handed_out_once(service):
     assert taken[5:] == [b"", b""]  # none left: the sender falls back to three DHs
 
 
+class HeldDatabase(Database):
+    """A real connection that calls ``hold`` just before it deletes a mailbox
+    prekey: after reading the last prekey, before forgetting it."""
+
+    hold: Callable[[], None] | None = None
+
+    def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Any:
+        if self.hold is not None and sql.lstrip().upper().startswith("DELETE FROM MAILBOX_PREKEYS"):
+            self.hold()
+        return super().execute(sql, params)
+
+
 def test_two_senders_racing_for_the_last_prekey(tmp_path: Path):
-    """Two connections to one mailbox daemon's store, as two trio tasks."""
-    import trio
+    """Two connections to one SQLCipher mailbox database, each answering one
+    sender from its own thread, race for the last prekey.
 
-    db = Database.create(tmp_path / "race", "pw", fast_kdf=True)
-    service = MailboxService(MailboxStore(db, LIMITS), LIMITS)
-    key, box = register(service)
-    add_prekeys(service, key, box, 1)
-    got: list[bytes] = []
+    Alice's take is held between reading the prekey and deleting it while
+    Carol's request is answered on the other connection.  Carol must wait for
+    Alice's transaction and find none left.  Without the transaction (or with
+    one that takes the write lock only at the DELETE) Carol reads the same
+    prekey in that window, and both are handed it."""
+    from pigeon.protocol import IdentityKeyPair, OneTimePrekey
 
-    async def sender(name: str) -> None:
-        await trio.sleep(0)
-        got.append(ask(service, Request(Op.TAKE_PREKEY, box), peer=name).prekey)
+    home = tmp_path / "race"
+    first = MailboxService(
+        MailboxStore(HeldDatabase.create(home, "pw", fast_kdf=True), LIMITS), LIMITS
+    )
+    # the owner's side is not what races here: set the mailbox up in the store
+    box = first.store.register(bytes(SigningKey(os.urandom(32)).verify_key), 0)
+    identity = IdentityKeyPair.generate(os.urandom)
+    prekey = OneTimePrekey.create(identity, 1, os.urandom)[0].encode()
+    assert first.store.add_prekeys(box, (prekey,)) == 1
+    second = MailboxService(MailboxStore(Database.open(home, "pw"), LIMITS), LIMITS)
+    take = Request(Op.TAKE_PREKEY, box).encode()
 
-    async def race() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(sender, "alice")
-            nursery.start_soon(sender, "carol")
+    alice_has_read, carol_answered = threading.Event(), threading.Event()
+    held: list[bool] = []
 
-    trio.run(race)
-    assert sorted(bool(p) for p in got) == [False, True]
+    def hold() -> None:
+        held.append(True)
+        alice_has_read.set()
+        # Carol is answered at once if nothing stops her; behind Alice's write
+        # lock she cannot be (the busy timeout is 5 s), so give up after a while.
+        carol_answered.wait(timeout=1.0)
+
+    first.store.db.hold = hold
+    got: dict[str, bytes | BaseException] = {}
+
+    def prekey_for(name: str, service: MailboxService) -> bytes:
+        reply = service.answer(take, name)
+        assert reply.ok, reply.error
+        return reply.prekey
+
+    def alice() -> None:
+        try:
+            got["alice"] = prekey_for("alice", first)
+        except BaseException as error:
+            got["alice"] = error
+            alice_has_read.set()
+
+    def carol() -> None:
+        try:
+            assert alice_has_read.wait(timeout=10)
+            got["carol"] = prekey_for("carol", second)
+        except BaseException as error:
+            got["carol"] = error
+        finally:
+            carol_answered.set()
+
+    threads = [threading.Thread(target=alice), threading.Thread(target=carol)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    first.store.db.close()
+    second.store.db.close()
+    assert held == [True]  # the race window was really open once
+    assert sorted(got) == ["alice", "carol"], "a sender's thread did not finish"
+    errors = {name: value for name, value in got.items() if isinstance(value, BaseException)}
+    assert not errors, f"a sender got an error, not an answer: {errors}"
+    winners = sorted(name for name, value in got.items() if value)
+    assert len(winners) == 1, f"the last prekey was handed to {winners or 'nobody'}"
+    assert got[winners[0]] == prekey
 
 
 def test_only_the_owner_adds_prekeys(service):

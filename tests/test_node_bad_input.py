@@ -26,9 +26,10 @@ from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTr
 from libp2p.tools.anyio_service import background_trio_service
 
 from daemons import PASSPHRASE, Daemon, wait_for
+from pigeon.node.control import MAX_REQUEST
+from pigeon.node.delivery import ENVELOPE_PROTOCOL
 from pigeon.node.framing import frame
 from pigeon.node.host import build_host, close_host
-from pigeon.node.node import ENVELOPE_PROTOCOL
 from pigeon.node.storage import Database
 from pigeon.protocol import (
     AppMessage,
@@ -260,7 +261,7 @@ def test_junk_on_the_control_socket(pair):
         ):
             sock.sendall(junk)
             replies.append(json.loads(sock.makefile("rb").readline()))
-        sock.sendall(b"x" * 100_000)
+        sock.sendall(b"x" * (MAX_REQUEST + 10))
         replies.append(json.loads(sock.makefile("rb").readline()))
     assert all(r["ok"] is False and "\n" not in r["error"] for r in replies)
     assert healthy(bob)

@@ -244,12 +244,13 @@ def test_every_bit_of_a_ratchet_message(config, kind):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_bit_of_a_first_prekey_message(config):
     """``Session.respond`` refuses every one-bit change of the whole session
-    message (kind, X3DH header, ratchet message) with a ProtocolError, and
-    nothing is used up; then the real message sets up a working session."""
+    message (kind, X3DH header, ratchet message) with a ProtocolError; then
+    the real message sets up a working session.  (That a refused first
+    message uses up no prekey is the node's business: respond only reads
+    prekeys; tests/test_prekey_consumption.py checks it on a real database.)"""
     alice, bob = Party("alice"), Party("bob")
     a = initiate(alice, bob, config, otk_id=3)
     first = a.encrypt(b"first")
-    signed, one_time = dict(bob.signed_prekeys), dict(bob.one_time_prekeys)
     failures = []
     for index, bit, changed in flips(first):
         try:
@@ -261,7 +262,6 @@ def test_every_bit_of_a_first_prekey_message(config):
         else:
             failures.append(f"byte {index} bit {bit}: accepted as {plaintext!r}")
     assert not failures, report(failures)
-    assert bob.signed_prekeys == signed and bob.one_time_prekeys == one_time
     b, plaintext = bob.respond(first, config)
     assert plaintext == b"first"
     assert deliver(a, b.encrypt(b"it works")) == b"it works"

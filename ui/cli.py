@@ -8,6 +8,7 @@ one line on stderr and a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
@@ -16,7 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pigeon.protocol import PigeonError
+from pigeon.protocol import MAX_TEXT_BYTES, PigeonError, check_text
+
+from .term import safe, safe_line
 
 
 class UsageError(PigeonError):
@@ -53,10 +56,22 @@ def _parser() -> argparse.ArgumentParser:
         prog="pigeon", description="Peer-to-peer, end-to-end encrypted messaging."
     )
     parser.add_argument("--home", help="node directory (default: $PIGEON_HOME or user data dir)")
+    from importlib import metadata
+
+    try:
+        version = metadata.version("pigeon-messenger")
+    except metadata.PackageNotFoundError:
+        version = "unknown (not installed)"
+    parser.add_argument("--version", action="version", version=f"pigeon {version}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     init = commands.add_parser("init", help="create your identity")
     init.add_argument("--name", required=True, help="the display name contacts see")
+    init.add_argument(
+        "--empty-passphrase",
+        action="store_true",
+        help="accept an empty passphrase: the database is then readable by anyone who can read it",
+    )
 
     ident = commands.add_parser("id", help="show your identity and contact code")
     ident.add_argument("--json", action="store_true")
@@ -97,17 +112,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     daemon.add_argument("-v", "--verbose", action="store_true")
 
-    contacts = commands.add_parser("contacts", help="add or list contacts")
+    contacts = commands.add_parser("contacts", help="add, list, rename or remove contacts")
     sub = contacts.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = sub.add_parser("add", help="add a contact by contact code")
     add.add_argument("code", help="the contact code (pigeon:...)")
-    add.add_argument("--as", dest="alias", metavar="ALIAS")
+    add.add_argument("--as", dest="alias", metavar="ALIAS", help="what to call the contact")
     listing = sub.add_parser("list", help="list contacts with presence")
     listing.add_argument("--json", action="store_true")
+    rename = sub.add_parser("rename", help="call a contact something else")
+    rename.add_argument("contact")
+    rename.add_argument("alias", metavar="NEW_NAME")
+    remove = sub.add_parser(
+        "remove", help="forget a contact: its sessions, queued messages and history"
+    )
+    remove.add_argument("contact")
 
-    send = commands.add_parser("send", help="send a message")
+    send = commands.add_parser(
+        "send",
+        help="send a message",
+        description=f"Send a text of at most {MAX_TEXT_BYTES:,} bytes of UTF-8 to a contact."
+        " The text is the argument, or standard input when it is '-' or left out"
+        " (one trailing newline is dropped).",
+    )
     send.add_argument("contact")
-    send.add_argument("text")
+    send.add_argument("text", nargs="?", default="-", help="the message, or - for standard input")
 
     inbox = commands.add_parser("inbox", help="show conversations")
     inbox.add_argument("--json", action="store_true")
@@ -118,7 +146,11 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("contact")
 
     commands.add_parser("status", help="show the daemon's state")
-    commands.add_parser("demo", help="run two local nodes and show a conversation")
+    commands.add_parser("stop", help="stop the running daemon")
+    commands.add_parser(
+        "demo",
+        help="run three real nodes here (a bootstrap node, Alice and Bob) and show a conversation",
+    )
     return parser
 
 
@@ -135,9 +167,12 @@ def _print_message(message: dict[str, Any], as_json: bool) -> None:
         return
     stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(message["sent_at"])))
     arrow = "->" if message["direction"] == "out" else "<-"
-    who = message.get("contact_name", message["from_name"])
-    status = f"  [{message['status']}]" if message["direction"] == "out" else ""
-    print(f"{stamp} {arrow} {who}: {message['text']}{status}", flush=True)
+    who = safe_line(str(message.get("contact_name", message["from_name"])))
+    status = ""
+    if message["direction"] == "out":
+        reason = message.get("reason")
+        status = f"  [{message['status']}{': ' + safe_line(reason) if reason else ''}]"
+    print(f"{stamp} {arrow} {who}: {safe(str(message['text']))}{status}", flush=True)
 
 
 def cmd_init(home: Path, args: argparse.Namespace) -> int:
@@ -146,7 +181,20 @@ def cmd_init(home: Path, args: argparse.Namespace) -> int:
     from pigeon.protocol.contact import validate_name
 
     name = validate_name(args.name)
-    db = Database.create(home, passphrase(confirm=True))
+    secret = passphrase(confirm=True)
+    if not secret and not args.empty_passphrase:
+        warning = f"empty passphrase: anyone who can read {home} can read your messages"
+        if os.environ.get("PIGEON_PASSPHRASE") is not None or not sys.stdin.isatty():
+            raise UsageError(
+                f"{warning}; set a passphrase, or accept none with: pigeon init --empty-passphrase"
+            )
+        try:
+            answer = input(f"{warning}; continue? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            raise UsageError("no identity created: run pigeon init again and choose a passphrase")
+    db = Database.create(home, secret)
     try:
         Conversations.initialise(db, name, os.urandom)
         conv = Conversations(db, os.urandom)
@@ -219,15 +267,79 @@ def cmd_daemon(home: Path, args: argparse.Namespace) -> int:
         mailbox_limits=MailboxLimits(deposits_per_minute=args.mailbox_rate_limit),
     )
     if args.listen:
-        config.listen = args.listen
+        from pigeon.node.host import listen_addresses
+
+        # Checked before the passphrase is asked and the database opened: a
+        # typo costs nothing and changes nothing on disk.
+        config.listen = [str(address) for address in listen_addresses(args.listen)]
     return run_daemon(home, passphrase(), config, verbose=args.verbose)
+
+
+def cmd_stop(home: Path, args: argparse.Namespace) -> int:
+    import fcntl
+
+    from pigeon.node.control import SOCKET_NAME, DaemonNotRunning
+
+    def running() -> bool:
+        """The daemon removes its control socket as it shuts down, then closes
+        its connections and database and releases daemon.lock (held for its
+        whole life): the lock says when it is really gone, even after kill -9."""
+        try:
+            fd = os.open(home / "daemon.lock", os.O_RDONLY)
+        except FileNotFoundError:
+            return (home / SOCKET_NAME).exists()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # also releases the shared lock just taken
+        return False
+
+    try:
+        client = _client(home, timeout=10.0)
+    except DaemonNotRunning:
+        raise PigeonError(f"no Pigeon daemon is running for {home}") from None
+    refused: PigeonError | None = None
+    try:
+        client.request("stop")
+    except PigeonError as error:  # the daemon may close the connection as it stops
+        refused = error
+    finally:
+        client.close()
+    deadline = time.monotonic() + 15
+    while running():
+        if time.monotonic() > deadline:
+            if refused is not None:
+                raise refused
+            raise PigeonError(
+                f"the daemon for {home} is still shutting down after 15 s;"
+                " if it does not exit, end its process"
+            )
+        time.sleep(0.1)
+    print("stopped")
+    return 0
 
 
 def cmd_contacts(home: Path, args: argparse.Namespace) -> int:
     client = _client(home)
     if args.action == "add":
-        contact = client.request("contacts.add", code=args.code, alias=args.alias)["contact"]
-        print(f"added {contact['alias'] or contact['name']} ({contact['identity_id']})")
+        reply = client.request("contacts.add", code=args.code, alias=args.alias)
+        contact = reply["contact"]
+        label = safe_line(contact["label"])
+        if reply["added"]:
+            print(f"added {label} ({contact['identity_id']})")
+        else:
+            print(f"{label} is already a contact ({contact['identity_id']})")
+        return 0
+    if args.action == "rename":
+        contact = client.request("contacts.rename", contact=args.contact, alias=args.alias)
+        print(f"renamed to {safe_line(contact['contact']['label'])}")
+        return 0
+    if args.action == "remove":
+        reply = client.request("contacts.remove", contact=args.contact)
+        unsent = f", {reply['unsent']} unsent" if reply["unsent"] else ""
+        print(f"removed {safe_line(reply['label'])} and {reply['messages']} messages{unsent}")
         return 0
     contacts = client.request("contacts.list")["contacts"]
     if args.json:
@@ -241,13 +353,37 @@ def cmd_contacts(home: Path, args: argparse.Namespace) -> int:
             else "never"
         )
         presence = "online" if contact["online"] else f"last seen {seen}"
-        label = contact["alias"] or contact["name"]
-        print(f"{label:20} {contact['identity_id'][:16]}  {presence}")
+        print(f"{safe_line(contact['label']):20} {contact['identity_id'][:16]}  {presence}")
     return 0
 
 
+def read_text(argument: str) -> str:
+    """The text to send: the argument, or standard input for '-'.  Checked
+    against the one limit before anything reaches the daemon."""
+    if argument != "-":
+        text = argument
+    else:
+        if sys.stdin.isatty():
+            print("type the message; end it with Ctrl-D", file=sys.stderr)
+        raw = sys.stdin.buffer.read(MAX_TEXT_BYTES + 2)
+        if len(raw) > MAX_TEXT_BYTES + 1:
+            raise UsageError(
+                f"message too long: more than {MAX_TEXT_BYTES:,} bytes on standard input"
+                f" (the limit is {MAX_TEXT_BYTES:,} bytes of UTF-8)"
+            )
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError("standard input is not UTF-8 text") from None
+        if text.endswith("\n"):
+            text = text[:-1]  # what echo and editors add, not part of the message
+    check_text(text)
+    return text
+
+
 def cmd_send(home: Path, args: argparse.Namespace) -> int:
-    reply = _client(home).request("send", contact=args.contact, text=args.text)
+    text = read_text(args.text)
+    reply = _client(home).request("send", contact=args.contact, text=text)
     print(reply["id"])
     return 0
 
@@ -301,6 +437,7 @@ COMMANDS = {
     "inbox": cmd_inbox,
     "chat": cmd_chat,
     "status": cmd_status,
+    "stop": cmd_stop,
     "demo": cmd_demo,
 }
 
@@ -315,7 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        return 0
+        # Our standard output went away (``pigeon inbox | head``); a broken
+        # control socket is a PigeonError above.  Exit as SIGPIPE would.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter flushes it at exit)
+        return 141
 
 
 if __name__ == "__main__":
