@@ -164,7 +164,10 @@ def make_handler(
 
 def _lock(home: Path) -> Any:
     """One daemon per home: hold an exclusive lock for the daemon's lifetime."""
-    handle = (home / "daemon.lock").open("a")
+    try:
+        handle = (home / "daemon.lock").open("a")
+    except FileNotFoundError:
+        raise PigeonError(f"no Pigeon identity in {home} (run: pigeon init)") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -174,8 +177,12 @@ def _lock(home: Path) -> Any:
 
 
 async def run(home: Path, passphrase: str, config: NodeConfig) -> None:
-    db = Database.open(home, passphrase)
-    lock = _lock(home)
+    lock = _lock(home)  # before the database is opened (and perhaps migrated)
+    try:
+        db = Database.open(home, passphrase)
+    except BaseException:
+        lock.close()
+        raise
     try:
         await _serve(home, db, config)
     except BaseException as error:
