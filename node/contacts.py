@@ -111,8 +111,9 @@ class ContactBook:
         return record
 
     def _from_row(self, row: tuple[object, ...]) -> Contact:
-        key = bytes(row[0])  # type: ignore[arg-type]
-        data = None if row[5] is None else bytes(row[5])  # type: ignore[arg-type]
+        # The columns' types are the schema's (BLOB, INTEGER), which mypy cannot see.
+        key = bytes(row[0])  # type: ignore[call-overload]
+        data = None if row[5] is None else bytes(row[5])  # type: ignore[call-overload]
         return Contact(
             key,
             str(row[1]),

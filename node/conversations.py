@@ -558,6 +558,7 @@ class Conversations:
     def _on_receipt(self, item: Incoming) -> bool:
         content = item.app.content
         assert isinstance(content, Receipt)
+        earlier: tuple[str, ...]
         if content.receipt_type == ReceiptType.DELIVERED:
             status, earlier = "delivered", ("pending", "sent", "failed")
         else:

@@ -41,7 +41,7 @@ def _key_id(key: str) -> bytes:
         raise ValueError("not a pigeon directory key") from None
 
 
-class RecordValidator(Validator):  # type: ignore[misc]
+class RecordValidator(Validator):
     """py-libp2p's hook: raise to refuse, return the index of the best."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
@@ -55,7 +55,7 @@ class RecordValidator(Validator):  # type: ignore[misc]
             raise ValueError(str(error)) from None
 
     def select(self, key: str, values: list[bytes]) -> int:
-        records = []
+        records: list[DirectoryRecord | None] = []
         for value in values:
             try:
                 records.append(DirectoryRecord.verify(value, now=int(self.clock())))
@@ -64,7 +64,7 @@ class RecordValidator(Validator):  # type: ignore[misc]
         valid = [i for i, r in enumerate(records) if r is not None]
         if not valid:
             return 0
-        best = newest([records[i] for i in valid])  # type: ignore[misc]
+        best = newest([record for record in records if record is not None])
         return valid[best]
 
 
@@ -87,14 +87,17 @@ async def lookup(dht: KadDHT, identity_key: bytes) -> list[bytes]:
     with trio.move_on_after(LOOKUP_TIMEOUT):
         peers = await dht.peer_routing.find_closest_peers_network(key_bytes)
 
-        async def ask(peer: object) -> None:
+        async def ask(peer: ID) -> None:
             try:
                 with trio.move_on_after(LOOKUP_TIMEOUT / 2):
                     result = await dht.value_store._get_from_peer(
                         peer, key_bytes, return_record=True
                     )
-                    if result is not None and getattr(result, "value", None):
-                        found.append(result.value)
+                    # A Record (return_record=True) or None, though typed as any of
+                    # the method's return shapes.
+                    value = getattr(result, "value", None)
+                    if value:
+                        found.append(value)
             except Exception as error:  # a peer's failure is not ours
                 log.debug("lookup at %s failed: %s", peer, error)
 

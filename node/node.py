@@ -346,7 +346,7 @@ class Node:
         }
 
 
-class _Connections(INotifee):  # type: ignore[misc]
+class _Connections(INotifee):
     """py-libp2p's connection events, forwarded to the node."""
 
     def __init__(self, node: Node) -> None:

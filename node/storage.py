@@ -430,7 +430,8 @@ class Database:
         return self._db.execute(sql, params).fetchone()
 
     def all(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Any]:
-        return self._db.execute(sql, params).fetchall()
+        rows: list[Any] = self._db.execute(sql, params).fetchall()  # sqlcipher3 is untyped
+        return rows
 
     # -- meta --------------------------------------------------------------
 

@@ -76,7 +76,7 @@ def scannable_fingerprint(
 
 def _parse_scannable(data: bytes) -> tuple[int, bytes, bytes]:
     fields = Fields(data)
-    version = fields.uint(1, default=None)
+    version = fields.uint(1, default=None, maximum=0xFFFFFFFF)
     local = Fields(fields.bytes_(2)).bytes_(1, size=32)
     remote = Fields(fields.bytes_(3)).bytes_(1, size=32)
     return version, local, remote

@@ -135,16 +135,7 @@ class Response:
     more: bool = False  # FETCH: the mailbox holds more than this reply carries
 
     def encode(self) -> bytes:
-        w = (
-            Writer()
-            .uint(1, 0 if self.ok else 1)
-            .text(2, self.error)
-            .bytes_(3, self.nonce)
-            .bytes_(5, self.item_id)
-            .bytes_(6, self.prekey)
-            .uint(7, self.prekeys_left)
-            .uint(8, int(self.more))
-        )
+        w = Writer().uint(1, 0 if self.ok else 1).text(2, self.error).bytes_(3, self.nonce)
         w.repeated_bytes(
             4,
             (
@@ -152,7 +143,13 @@ class Response:
                 for i in self.items
             ),
         )
-        return w.finish()
+        return (
+            w.bytes_(5, self.item_id)
+            .bytes_(6, self.prekey)
+            .uint(7, self.prekeys_left)
+            .uint(8, int(self.more))
+            .finish()
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> Response:

@@ -225,11 +225,10 @@ class Session:
             .bytes_(3, self.remote_key)
             .bytes_(4, self._ad)
             .bytes_(5, self.ratchet.serialize())
-            .bytes_(7, self.base_key)
         )
         if self.pending is not None:
             w.bytes_(6, self.pending.encode_alone())
-        return w.finish()
+        return w.bytes_(7, self.base_key).finish()
 
     @classmethod
     def deserialize(cls, data: bytes, random: Random, config: RatchetConfig = PIGEON) -> Session:
