@@ -63,3 +63,50 @@ def test_unknown_command_fails_with_usage():
     result = subprocess.run([pigeon(), "fly"], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "invalid choice" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "answer", "said"),
+    [
+        ("hello", b"", "the daemon closed the connection"),
+        ("é" * 30_000, b"", "connection"),  # hangs up while a long request is written
+        ("hello", b"not json\n", "not JSON"),
+        ("hello", b"[1, 2]\n", "unexpected"),
+    ],
+    ids=["hangs up", "hangs up mid-request", "junk", "not an object"],
+)
+def test_a_control_socket_failure_is_never_a_success(tmp_path, text, answer, said):
+    """Whatever goes wrong between the command and the daemon, the command
+    fails with one line; it never exits 0 as if the message had gone."""
+    import socket
+    import threading
+
+    from pigeon.node.control import SOCKET_NAME
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / SOCKET_NAME))
+    server.listen(1)
+
+    def daemon_that_fails() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.recv(1024)
+            if answer:
+                connection.sendall(answer)
+
+    thread = threading.Thread(target=daemon_that_fails, daemon=True)
+    thread.start()
+    try:
+        result = subprocess.run(
+            [pigeon(), "--home", str(tmp_path), "send", "bob", text],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        thread.join(timeout=10)
+        server.close()
+    assert result.returncode == 1, result
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and said in lines[0]
