@@ -25,7 +25,6 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
-from pigeon.protocol import ProtocolError
 from pigeon.protocol.frames import (
     MAX_ACK_FRAME,
     MAX_BATCH,
@@ -40,7 +39,7 @@ from pigeon.protocol.frames import (
 from .contacts import Contact, UnknownContact, is_current, short_id
 from .conversations import Conversations
 from .directory import Directory
-from .framing import StreamClosed, frame, read_frame
+from .framing import frame, read_frame, serve_frames
 from .mailbox import deposit, take_prekey
 
 log = logging.getLogger("pigeon.delivery")
@@ -60,28 +59,15 @@ class EnvelopeService:
 
     async def handle(self, stream: INetStream) -> None:
         peer = stream.muxed_conn.peer_id
-        try:
-            while True:
-                try:
-                    data = await read_frame(stream, MAX_DELIVER_FRAME)
-                except StreamClosed:
-                    return
-                envelopes = Deliver.decode(data).envelopes
-                statuses = self.accept(list(envelopes), peer)
-                self.on_frame(peer)
-                ack = Ack(
-                    tuple(AckEntry(digest(e), s) for e, s in zip(envelopes, statuses, strict=True))
-                )
-                await stream.write(frame(ack.encode()))
-        except ProtocolError as error:
-            log.warning("peer=%s sent a bad frame: %s", peer, error)
-        except trio.TooSlowError:
-            log.info("peer=%s stream idle, closed", peer)
-        except Exception as error:
-            log.info("peer=%s stream ended: %s", peer, type(error).__name__)
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await stream.close()
+
+        def answer(data: bytes) -> bytes:
+            envelopes = Deliver.decode(data).envelopes
+            statuses = self.accept(list(envelopes), peer)
+            self.on_frame(peer)
+            entries = (AckEntry(digest(e), s) for e, s in zip(envelopes, statuses, strict=True))
+            return Ack(tuple(entries)).encode()
+
+        await serve_frames(stream, MAX_DELIVER_FRAME, answer, "envelope")
 
 
 def batches(pending: list[tuple[bytes, bytes]]) -> list[list[tuple[bytes, bytes]]]:

@@ -1,7 +1,10 @@
 """Length-prefixed frames on libp2p streams, with a size limit and deadline,
-and the delivery acknowledgement statuses."""
+and the loop that serves a request-answer protocol on one stream."""
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable
 
 import trio
 from libp2p.abc import INetStream
@@ -9,9 +12,9 @@ from libp2p.abc import INetStream
 from pigeon.protocol import ProtocolError
 from pigeon.protocol.wire import encode_varint
 
+log = logging.getLogger("pigeon.node")
+
 FRAME_TIMEOUT = 30.0
-# What the receiver of a Deliver frame says about each envelope in it.
-ACK_STORED, ACK_DUPLICATE, ACK_REFUSED = 0, 1, 2
 
 
 class StreamClosed(Exception):
@@ -59,3 +62,28 @@ async def read_frame(stream: INetStream, max_size: int, timeout: float = FRAME_T
 
 def frame(payload: bytes) -> bytes:
     return encode_varint(len(payload)) + payload
+
+
+async def serve_frames(
+    stream: INetStream, max_size: int, answer: Callable[[bytes], bytes], protocol: str
+) -> None:
+    """Answer each frame the peer sends with one frame, until it closes the
+    stream; a frame that is too large, malformed or late ends the stream with
+    one log line.  The stream is always closed."""
+    peer = stream.muxed_conn.peer_id
+    try:
+        while True:
+            try:
+                data = await read_frame(stream, max_size)
+            except StreamClosed:
+                return
+            await stream.write(frame(answer(data)))
+    except ProtocolError as error:
+        log.warning("peer=%s sent a bad %s frame: %s", peer, protocol, error)
+    except trio.TooSlowError:
+        log.info("peer=%s %s stream idle, closed", peer, protocol)
+    except Exception as error:
+        log.info("peer=%s %s stream ended: %s", peer, protocol, type(error).__name__)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await stream.close()

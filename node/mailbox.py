@@ -26,7 +26,7 @@ from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
-from pigeon.protocol import DecryptError, DirectoryRecord, OneTimePrekey, PigeonError, ProtocolError
+from pigeon.protocol import DecryptError, DirectoryRecord, OneTimePrekey, PigeonError
 from pigeon.protocol.frames import MailboxNotice
 from pigeon.protocol.keys import verify_signature
 from pigeon.protocol.mailbox import (
@@ -44,7 +44,7 @@ from pigeon.protocol.mailbox import (
     proof_message,
 )
 
-from .framing import frame, read_frame
+from .framing import frame, read_frame, serve_frames
 from .storage import Database
 
 log = logging.getLogger("pigeon.mailbox")
@@ -209,25 +209,9 @@ class MailboxService:
 
     async def handle(self, stream: INetStream) -> None:
         peer = stream.muxed_conn.peer_id
-        try:
-            while True:
-                try:
-                    data = await read_frame(stream, MAX_REQUEST_SIZE)
-                except ProtocolError:
-                    raise
-                except Exception:
-                    return
-                response = self.answer(data, peer)
-                await stream.write(frame(response.encode()))
-        except ProtocolError as error:
-            log.warning("peer=%s sent a bad mailbox frame: %s", peer, error)
-        except trio.TooSlowError:
-            log.info("peer=%s mailbox stream idle, closed", peer)
-        except Exception as error:
-            log.info("peer=%s mailbox stream ended: %s", peer, type(error).__name__)
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await stream.close()
+        await serve_frames(
+            stream, MAX_REQUEST_SIZE, lambda data: self.answer(data, peer).encode(), "mailbox"
+        )
 
     def answer(self, data: bytes, peer: object) -> Response:
         try:

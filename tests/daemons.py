@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,22 +59,31 @@ class Daemon:
         self.extra = extra or []
         self.log = root / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self._offset = 0
         if not (self.home / "pigeon.db").exists():
             pigeon(self.home, "init", "--name", name)
 
     def start(self) -> Daemon:
-        offset = self.log.stat().st_size if self.log.exists() else 0
+        return self.launch().wait_ready()
+
+    def launch(self) -> Daemon:
+        """Start the process without waiting for it (see wait_ready)."""
+        self._offset = self.log.stat().st_size if self.log.exists() else 0
         args = [sys.executable, "-m", "pigeon.ui.cli", "--home", str(self.home), "daemon"]
         for address in self.bootstrap:
             args += ["--bootstrap", address]
         args += self.extra
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=log, env=env())
+        return self
+
+    def wait_ready(self) -> Daemon:
+        assert self.process is not None
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"daemon {self.name} exited: {self.log.read_text()[-2000:]}")
-            if "daemon ready" in self.log.read_bytes()[offset:].decode(errors="replace"):
+            if "daemon ready" in self.log.read_bytes()[self._offset :].decode(errors="replace"):
                 return self
             time.sleep(0.1)
         raise AssertionError(f"daemon {self.name} did not start: {self.log.read_text()[-2000:]}")
@@ -127,3 +138,41 @@ def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.2) -> An
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
         time.sleep(interval)
+
+
+def status(daemon: Daemon) -> dict[str, Any]:
+    """The daemon's ``status`` reply, as a dict."""
+    from pigeon.node.control import Client
+
+    client = Client(daemon.home)
+    try:
+        return client.request("status")
+    finally:
+        client.close()
+
+
+FAST = ["--mailbox-interval", "1"]
+BOX = ["--mailbox", "--mailbox-rate-limit", "1000", *FAST]
+
+
+@contextlib.contextmanager
+def mailbox_network(root: Path) -> Iterator[dict[str, Daemon]]:
+    """A bootstrap node, three mailbox peers (box0-box2), Alice and Bob, all
+    collecting every second; every daemon is stopped at the end."""
+    nodes: dict[str, Daemon] = {}
+    try:
+        nodes["boot"] = Daemon(root, "boot").start()
+        boot = [nodes["boot"].address]
+        for i in range(3):
+            nodes[f"box{i}"] = Daemon(root, f"box{i}", boot, BOX)
+        for name in ("alice", "bob"):
+            nodes[name] = Daemon(root, name, boot, FAST)
+        for daemon in list(nodes.values())[1:]:
+            daemon.launch()
+        for daemon in list(nodes.values())[1:]:
+            daemon.wait_ready()
+        yield nodes
+    finally:
+        for daemon in nodes.values():
+            if daemon.alive():
+                daemon.stop()

@@ -1,12 +1,17 @@
-"""Small builders shared by the protocol tests."""
+"""Small builders shared by the tests: parties, records and sessions built
+through the public API, and a database connection that can be held mid-way."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from pigeon.node.storage import Database
 from pigeon.protocol import (
     PIGEON,
+    Device,
     DirectoryRecord,
     IdentityKeyPair,
     IncomingMessage,
@@ -16,6 +21,7 @@ from pigeon.protocol import (
     SignedPrekey,
 )
 from pigeon.protocol.crypto import x25519_keypair
+from pigeon.protocol.records import MailboxEntry
 
 NOW = 1_800_000_000
 
@@ -38,10 +44,23 @@ class Party:
         self.signed_prekeys[prekey_id] = private
         self.spk = SignedPrekey(prekey_id, public, NOW)
 
-    def record(self, sequence: int = 1, expires_at: int = NOW + 86400) -> DirectoryRecord:
+    def record(
+        self,
+        sequence: int = 1,
+        expires_at: int = NOW + 86400,
+        devices: tuple[Device, ...] = (),
+        mailboxes: tuple[MailboxEntry, ...] = (),
+    ) -> DirectoryRecord:
         assert self.spk is not None
         return DirectoryRecord(
-            self.identity.public_key, self.name, sequence, NOW, expires_at, self.spk
+            self.identity.public_key,
+            self.name,
+            sequence,
+            NOW,
+            expires_at,
+            self.spk,
+            devices,
+            mailboxes,
         )
 
     def one_time_prekey(self, prekey_id: int) -> OneTimePrekey:
@@ -60,19 +79,55 @@ class Party:
         )
 
 
-def session_pair(
-    config: RatchetConfig = PIGEON, *, with_one_time_prekey: bool = True
-) -> tuple[Session, Session]:
-    """An established pair: Alice initiated, Bob answered, Alice heard back."""
-    alice, bob = Party("alice"), Party("bob")
-    otk = bob.one_time_prekey(7) if with_one_time_prekey else None
-    bundle = bob.record().bundle(otk)
-    a = Session.initiate(alice.identity, bundle, os.urandom, config)
-    b, first = bob.respond(a.encrypt(b"first"), config)
-    assert first == b"first"
-    assert a.decrypt(IncomingMessage.decode(b.encrypt(b"reply"))) == b"reply"
-    return a, b
+def initiate(
+    alice: Party,
+    bob: Party,
+    config: RatchetConfig = PIGEON,
+    one_time_prekey: OneTimePrekey | None = None,
+) -> Session:
+    """Alice starts a session from Bob's published record, verified as a
+    node verifies what it fetched."""
+    published = bob.record().sign(bob.identity)
+    bundle = DirectoryRecord.verify(published, now=NOW).bundle(one_time_prekey)
+    return Session.initiate(alice.identity, bundle, os.urandom, config)
 
 
 def deliver(receiver: Session, message: bytes) -> bytes:
     return receiver.decrypt(IncomingMessage.decode(message))
+
+
+def establish(
+    config: RatchetConfig = PIGEON,
+    alice: Party | None = None,
+    bob: Party | None = None,
+    one_time_prekey: Callable[[Party], OneTimePrekey | None] = lambda bob: bob.one_time_prekey(7),
+) -> tuple[Session, Session]:
+    """An established pair: Alice initiated, Bob answered, Alice heard back."""
+    alice, bob = alice or Party("alice"), bob or Party("bob")
+    a = initiate(alice, bob, config, one_time_prekey(bob))
+    b, first = bob.respond(a.encrypt(b"first"), config)
+    assert first == b"first"
+    assert deliver(a, b.encrypt(b"reply")) == b"reply"
+    assert a.pending is None
+    return a, b
+
+
+def session_pair(
+    config: RatchetConfig = PIGEON, *, with_one_time_prekey: bool = True
+) -> tuple[Session, Session]:
+    def prekey(bob: Party) -> OneTimePrekey | None:
+        return bob.one_time_prekey(7) if with_one_time_prekey else None
+
+    return establish(config, one_time_prekey=prekey)
+
+
+class HeldDatabase(Database):
+    """A real connection that calls ``hold`` just before it deletes a mailbox
+    prekey: after reading the last prekey, before forgetting it."""
+
+    hold: Callable[[], None] | None = None
+
+    def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Any:
+        if self.hold is not None and sql.lstrip().upper().startswith("DELETE FROM MAILBOX_PREKEYS"):
+            self.hold()
+        return super().execute(sql, params)

@@ -25,7 +25,7 @@ import signal
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import NOW, Party, deliver, establish, initiate
 from pigeon.protocol import (
     CLASSIC,
     PIGEON,
@@ -78,64 +79,7 @@ from pigeon.protocol.wire import Fields, Writer, decode_varint, encode_varint
 
 # -- fixtures: parties, records and sessions built through the public API ----
 
-NOW = 1_800_000_000
 CALL_LIMIT = 3.0  # seconds one decoder call may take before it counts as a hang
-
-
-@dataclass
-class Party:
-    name: str
-    identity: IdentityKeyPair = field(default_factory=lambda: IdentityKeyPair.generate(os.urandom))
-    signed_prekeys: dict[int, bytes] = field(default_factory=dict)
-    one_time_prekeys: dict[int, bytes] = field(default_factory=dict)
-    spk: SignedPrekey | None = None
-
-    def __post_init__(self) -> None:
-        private, public = x25519_keypair(os.urandom)
-        self.signed_prekeys[1] = private
-        self.spk = SignedPrekey(1, public, NOW)
-
-    def record(self, devices: tuple[Device, ...] = (), mailboxes=()) -> DirectoryRecord:
-        assert self.spk is not None
-        return DirectoryRecord(
-            self.identity.public_key, self.name, 1, NOW, NOW + 86400, self.spk, devices, mailboxes
-        )
-
-    def one_time_prekey(self, prekey_id: int) -> OneTimePrekey:
-        otk, private = OneTimePrekey.create(self.identity, prekey_id, os.urandom)
-        self.one_time_prekeys[prekey_id] = private
-        return otk
-
-    def respond(self, message: bytes, config: RatchetConfig = PIGEON) -> tuple[Session, bytes]:
-        return Session.respond(
-            self.identity,
-            IncomingMessage.decode(message),
-            self.signed_prekeys.get,
-            self.one_time_prekeys.get,
-            os.urandom,
-            config,
-        )
-
-
-def initiate(alice: Party, bob: Party, config: RatchetConfig) -> Session:
-    """Alice starts a session from Bob's published, verified record."""
-    published = bob.record().sign(bob.identity)
-    bundle = DirectoryRecord.verify(published, now=NOW).bundle(bob.one_time_prekey(7))
-    return Session.initiate(alice.identity, bundle, os.urandom, config)
-
-
-def deliver(receiver: Session, message: bytes) -> bytes:
-    return receiver.decrypt(IncomingMessage.decode(message))
-
-
-def establish(config: RatchetConfig) -> tuple[Session, Session]:
-    """Alice initiated, Bob answered, Alice heard back."""
-    alice, bob = Party("alice"), Party("bob")
-    a = initiate(alice, bob, config)
-    b, first = bob.respond(a.encrypt(b"first"), config)
-    assert first == b"first"
-    assert deliver(a, b.encrypt(b"reply")) == b"reply"
-    return a, b
 
 
 def field_end(data: bytes, number: int) -> int:
@@ -291,7 +235,7 @@ def _session_samples(config: RatchetConfig, tag: str) -> dict[str, Sample]:
 
     # Alice's side before any reply: still carries the X3DH header.
     alice, bob = Party("alice"), Party("bob")
-    pending = initiate(alice, bob, config)
+    pending = initiate(alice, bob, config, bob.one_time_prekey(7))
     first = pending.encrypt(b"first")
 
     def session_decrypt(data: bytes) -> bytes:
@@ -369,7 +313,8 @@ def _build_samples() -> dict[str, Sample]:
     ).encode()
     text = _app(Text("h\u00e9llo"))
     unknown = _app(Unknown(99, b"\x08\x01"))
-    prekey_message = initiate(Party("alice"), Party("bob"), PIGEON).encrypt(b"x")
+    bob = Party("bob")
+    prekey_message = initiate(Party("alice"), bob, PIGEON, bob.one_time_prekey(7)).encrypt(b"x")
     ratchet_message = b"\x02" + bytes(90)
     any_boundary = "a message may end after any field"
     return {

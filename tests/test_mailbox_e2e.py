@@ -6,7 +6,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,8 @@ import trio
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from nacl.signing import SigningKey
 
-from daemons import PASSPHRASE, Daemon, wait_for
+from daemons import BOX, PASSPHRASE, Daemon, mailbox_network, status, wait_for
+from helpers import HeldDatabase
 from pigeon.node.control import Client
 from pigeon.node.framing import frame
 from pigeon.node.host import build_host, close_host
@@ -26,33 +27,12 @@ from pigeon.protocol.mailbox import Op, Request, mailbox_id, proof_message
 from pigeon.protocol.wire import encode_varint
 
 pytestmark = pytest.mark.slow
-FAST = ["--mailbox-interval", "1"]
-BOX = ["--mailbox", "--mailbox-rate-limit", "1000", *FAST]
 
 
 @pytest.fixture
 def net(tmp_path: Path) -> Iterator[dict[str, Daemon]]:
-    nodes: dict[str, Daemon] = {}
-    try:
-        nodes["boot"] = Daemon(tmp_path, "boot").start()
-        boot = [nodes["boot"].address]
-        for i in range(3):
-            nodes[f"box{i}"] = Daemon(tmp_path, f"box{i}", boot, BOX).start()
-        for name in ("alice", "bob"):
-            nodes[name] = Daemon(tmp_path, name, boot, FAST).start()
+    with mailbox_network(tmp_path) as nodes:
         yield nodes
-    finally:
-        for daemon in nodes.values():
-            if daemon.alive():
-                daemon.stop()
-
-
-def status(daemon: Daemon) -> dict:
-    client = Client(daemon.home)
-    try:
-        return client.request("status")
-    finally:
-        client.close()
 
 
 def incoming(daemon: Daemon) -> list[str]:
@@ -254,18 +234,6 @@ def test_a_connected_owner_gets_a_push(tmp_path: Path):
     finally:
         for node in reversed(nodes):
             node.stop()
-
-
-class HeldDatabase(Database):
-    """A real connection that calls ``hold`` just before it deletes a mailbox
-    prekey: after reading the last prekey, before forgetting it."""
-
-    hold: Callable[[], None] | None = None
-
-    def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Any:
-        if self.hold is not None and sql.lstrip().upper().startswith("DELETE FROM MAILBOX_PREKEYS"):
-            self.hold()
-        return super().execute(sql, params)
 
 
 async def take_prekeys_at_once(hosts: list[Any], info: Any, mailbox: bytes) -> list[bytes]:

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
+from helpers import HeldDatabase
 from pigeon.node.mailbox import MailboxLimits, MailboxService, MailboxStore
 from pigeon.node.storage import Database
 from pigeon.protocol import ProtocolError
@@ -218,18 +217,6 @@ def test_one_time_prekeys_are_handed_out_once(service):
     handed = [p for p in taken if p]
     assert len(handed) == 5 and len(set(handed)) == 5
     assert taken[5:] == [b"", b""]  # none left: the sender falls back to three DHs
-
-
-class HeldDatabase(Database):
-    """A real connection that calls ``hold`` just before it deletes a mailbox
-    prekey: after reading the last prekey, before forgetting it."""
-
-    hold: Callable[[], None] | None = None
-
-    def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Any:
-        if self.hold is not None and sql.lstrip().upper().startswith("DELETE FROM MAILBOX_PREKEYS"):
-            self.hold()
-        return super().execute(sql, params)
 
 
 def test_two_senders_racing_for_the_last_prekey(tmp_path: Path):

@@ -15,7 +15,7 @@ import pytest
 import trio
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
-from daemons import PASSPHRASE, Daemon, wait_for
+from daemons import FAST, PASSPHRASE, Daemon, mailbox_network, status, wait_for
 from pigeon.node.host import build_host, close_host
 from pigeon.node.mailbox import call
 from pigeon.node.storage import Database
@@ -30,8 +30,6 @@ from pigeon.protocol.mailbox import Op, Request, mailbox_id
 from pigeon.protocol.records import Device, DeviceCertificate
 
 pytestmark = pytest.mark.slow
-FAST = ["--mailbox-interval", "1"]
-BOX = ["--mailbox", "--mailbox-rate-limit", "1000", *FAST]
 
 
 @pytest.fixture
@@ -187,29 +185,8 @@ def test_a_session_waits_visibly_while_no_current_record_is_known(tmp_path):
 
 @pytest.fixture
 def net(tmp_path: Path) -> Iterator[dict[str, Daemon]]:
-    nodes: dict[str, Daemon] = {}
-    try:
-        nodes["boot"] = Daemon(tmp_path, "boot").start()
-        boot = [nodes["boot"].address]
-        for i in range(3):
-            nodes[f"box{i}"] = Daemon(tmp_path, f"box{i}", boot, BOX).start()
-        for name in ("alice", "bob"):
-            nodes[name] = Daemon(tmp_path, name, boot, FAST).start()
+    with mailbox_network(tmp_path) as nodes:
         yield nodes
-    finally:
-        for daemon in nodes.values():
-            if daemon.alive():
-                daemon.stop()
-
-
-def _status(daemon: Daemon) -> dict:
-    from pigeon.node.control import Client
-
-    client = Client(daemon.home)
-    try:
-        return client.request("status")
-    finally:
-        client.close()
 
 
 def test_long_texts_left_with_mailboxes_all_arrive(net):
@@ -219,7 +196,7 @@ def test_long_texts_left_with_mailboxes_all_arrive(net):
     alice, bob = net["alice"], net["bob"]
     add(alice, bob)
     add(bob, alice)
-    wait_for(lambda: len(_status(bob)["mailboxes"]) == 3, timeout=60)
+    wait_for(lambda: len(status(bob)["mailboxes"]) == 3, timeout=60)
     wait_for(lambda: "left 100 one-time prekeys" in bob.log.read_text(), timeout=30)
     import time
 
@@ -244,7 +221,7 @@ def test_junk_deposits_do_not_block_a_pickup(net):
     alice, bob = net["alice"], net["bob"]
     add(alice, bob)
     add(bob, alice)
-    wait_for(lambda: len(_status(bob)["mailboxes"]) == 3, timeout=60)
+    wait_for(lambda: len(status(bob)["mailboxes"]) == 3, timeout=60)
     import time
 
     time.sleep(2)
@@ -280,7 +257,7 @@ def test_junk_deposits_do_not_block_a_pickup(net):
     wait_for(lambda: incoming(bob) == ["genuine, behind the junk"], timeout=90)
     wait_for(
         lambda: all(
-            box["messages"] == 0 for n in boxes for box in _status(net[n])["mailbox_serving"]
+            box["messages"] == 0 for n in boxes for box in status(net[n])["mailbox_serving"]
         ),
         timeout=60,
     )

@@ -129,7 +129,7 @@ def test_garbage_on_the_envelope_protocol(pair):
         assert healthy(bob), name
         wait_for(
             lambda: any(
-                "refused" in line or "bad frame" in line
+                "refused" in line or "bad envelope frame" in line
                 for line in log_of(bob).splitlines()[before:]  # noqa: B023
             ),
             timeout=5,

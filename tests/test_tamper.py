@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+import helpers
+from helpers import NOW, deliver
 from pigeon.protocol import (
     CLASSIC,
     PIGEON,
@@ -41,22 +43,16 @@ from pigeon.protocol.records import MailboxEntry
 
 # -- fixtures: parties and sessions built through the public API ----------------
 
-NOW = 1_800_000_000
 CONFIGS = [pytest.param(PIGEON, id="pigeon"), pytest.param(CLASSIC, id="classic")]
 
 
 @dataclass
-class Party:
+class Party(helpers.Party):
     """An identity with signed prekeys 0..7 (``published`` is in its record) and
     one-time prekeys 1..8, so that flipped prekey IDs often name a real key."""
 
-    name: str
     published: int = 2
-    identity: IdentityKeyPair = field(default_factory=lambda: IdentityKeyPair.generate(os.urandom))
-    signed_prekeys: dict[int, bytes] = field(default_factory=dict)
-    one_time_prekeys: dict[int, bytes] = field(default_factory=dict)
     offered: dict[int, OneTimePrekey] = field(default_factory=dict)
-    spk: SignedPrekey | None = None
 
     def __post_init__(self) -> None:
         for prekey_id in range(8):
@@ -69,43 +65,19 @@ class Party:
             self.one_time_prekeys[prekey_id] = private
             self.offered[prekey_id] = otk
 
-    def record(self) -> DirectoryRecord:
-        assert self.spk is not None
-        return DirectoryRecord(self.identity.public_key, self.name, 1, NOW, NOW + 86400, self.spk)
-
-    def respond(self, message: bytes, config: RatchetConfig) -> tuple[Session, bytes]:
-        return Session.respond(
-            self.identity,
-            IncomingMessage.decode(message),
-            self.signed_prekeys.get,
-            self.one_time_prekeys.get,
-            os.urandom,
-            config,
-        )
-
 
 def initiate(alice: Party, bob: Party, config: RatchetConfig, otk_id: int = 3) -> Session:
     """Alice starts a session from Bob's published, verified record."""
-    published = bob.record().sign(bob.identity)
-    bundle = DirectoryRecord.verify(published, now=NOW).bundle(bob.offered[otk_id])
-    return Session.initiate(alice.identity, bundle, os.urandom, config)
-
-
-def deliver(receiver: Session, message: bytes) -> bytes:
-    return receiver.decrypt(IncomingMessage.decode(message))
+    return helpers.initiate(alice, bob, config, bob.offered[otk_id])
 
 
 def establish(
     config: RatchetConfig, alice: Party | None = None, bob: Party | None = None
 ) -> tuple[Session, Session]:
     """Alice initiated, Bob answered, Alice heard back."""
-    alice, bob = alice or Party("alice"), bob or Party("bob")
-    a = initiate(alice, bob, config)
-    b, first = bob.respond(a.encrypt(b"first"), config)
-    assert first == b"first"
-    assert deliver(a, b.encrypt(b"reply")) == b"reply"
-    assert a.pending is None
-    return a, b
+    return helpers.establish(
+        config, alice or Party("alice"), bob or Party("bob"), lambda bob: bob.offered[3]
+    )
 
 
 def flips(data: bytes) -> list[tuple[int, int, bytes]]:
