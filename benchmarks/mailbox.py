@@ -31,9 +31,17 @@ from benchmarks.messaging import raw_rtt
 from daemons import Daemon
 from pigeon.node.host import build_host, close_host, quiet_libp2p_logs
 from pigeon.node.mailbox import call
-from pigeon.protocol.mailbox import MAX_ITEMS, Op, Request, proof_message
+from pigeon.protocol.mailbox import (
+    MAX_ITEMS,
+    REGISTER_WORK_BITS,
+    DepositToken,
+    Op,
+    Request,
+    do_work,
+    mailbox_id,
+    proof_message,
+)
 
-ENVELOPE = os.urandom(1024)
 WINDOW = 100  # deposits in flight on the stream at once
 
 
@@ -44,15 +52,26 @@ async def measure(address: str, deposits: int) -> tuple[float, float]:
     async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
         try:
             info = info_from_p2p_addr(multiaddr.Multiaddr(address))
-            (reply,) = await call(
-                host, info, [Request(Op.REGISTER, public_key=bytes(key.verify_key))]
+            public = bytes(key.verify_key)
+            work = do_work(
+                Op.REGISTER,
+                mailbox_id(public),
+                public,
+                REGISTER_WORK_BITS,
+                int.from_bytes(os.urandom(6)),
             )
+            (reply,) = await call(host, info, [Request(Op.REGISTER, public_key=public, work=work)])
             box = reply.item_id
+            # deposits as a contact makes them: with the owner's deposit token
+            token = DepositToken.issue(
+                public, lambda m: key.sign(m).signature, os.urandom(16), int(time.time()) + 3600
+            ).encode()
+            envelopes = [os.urandom(1024) for _ in range(deposits)]  # a mailbox dedupes copies
             start = time.perf_counter()
             for first in range(0, deposits, WINDOW):
                 batch = [
-                    Request(Op.DEPOSIT, box, envelope=ENVELOPE)
-                    for _ in range(min(WINDOW, deposits - first))
+                    Request(Op.DEPOSIT, box, envelope=envelope, token=token)
+                    for envelope in envelopes[first : first + WINDOW]
                 ]
                 replies = await call(host, info, batch)
                 assert all(r.ok for r in replies), replies[0].error

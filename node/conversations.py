@@ -35,6 +35,7 @@ from pigeon.protocol import (
     DirectoryRecord,
     IdentityKeyPair,
     IncomingMessage,
+    MailboxToken,
     OneTimePrekey,
     PigeonError,
     Random,
@@ -49,6 +50,7 @@ from pigeon.protocol import (
     seal,
 )
 from pigeon.protocol.frames import digest
+from pigeon.protocol.mailbox import DepositToken
 
 from .contacts import ContactBook, UnknownContact, short_id
 from .prekeys import Prekeys
@@ -58,12 +60,14 @@ log = logging.getLogger("pigeon.conversations")
 
 Clock = Callable[[], float]
 
-# Kinds the contact must confirm; they are shown in the conversation and sent
-# again in a new session until confirmed.  File offers join when they land.
-DURABLE: tuple[type, ...] = (Text,)
+# Kinds the contact must confirm; they are sent again in a new session until
+# confirmed (texts are also shown in the conversation).  File offers join
+# when they land.
+DURABLE: tuple[type, ...] = (Text, MailboxToken)
 MESSAGE_TTL = 30 * 24 * 3600  # as long as a mailbox keeps an envelope
 MAX_AUTO_RESENDS = 3  # times a refused message is sent again automatically
 RESET_INTERVAL = 60  # seconds between two session resets asked of one contact
+TOKEN_EVERY = 7 * 24 * 3600  # a contact gets a fresh deposit token from us this often
 
 
 class NoSession(PigeonError):
@@ -128,7 +132,11 @@ class Conversations:
             Text: self._on_text,
             Receipt: self._on_receipt,
             SessionReset: self._on_reset,
+            MailboxToken: self._on_token,
         }
+        # Gives a deposit token for our mailboxes (the node's mailbox owner);
+        # each contact gets one, inside the conversation, as messages flow.
+        self.issue_token: Callable[[], bytes] | None = None
 
     def now(self) -> int:
         return int(self.clock())
@@ -272,6 +280,8 @@ class Conversations:
             rows = self._unencrypted(key)
             if not rows:
                 return 0
+            if self._token_due(key):
+                rows = self._unencrypted(key)
             session = self._active_session(key)
             new = session is None
             if session is None:
@@ -303,6 +313,19 @@ class Conversations:
                     self.db.execute("DELETE FROM pending_out WHERE message_id = ?", (message_id,))
             self._save_session(session, active=True if new else None)
         return len(rows)
+
+    def _token_due(self, key: bytes) -> bool:
+        """Queue a fresh deposit token for the contact when it is time (we are
+        sending it something anyway); True if one was queued."""
+        if self.issue_token is None:
+            return False
+        row = self.db.one("SELECT token_sent_at FROM contacts WHERE identity_key = ?", (key,))
+        now = self.now()
+        if row is None or (row[0] is not None and now - int(row[0]) < TOKEN_EVERY):
+            return False
+        self.send(key, MailboxToken(self.issue_token()))
+        self.db.execute("UPDATE contacts SET token_sent_at = ? WHERE identity_key = ?", (now, key))
+        return True
 
     def note_waiting(self, key: bytes, reason: str | None) -> None:
         """Say what this contact's pending messages wait for (None: nothing)."""
@@ -594,6 +617,29 @@ class Conversations:
         )
         self._resend_undelivered(item.sender)
         return True
+
+    def _on_token(self, item: Incoming) -> bool:
+        content = item.app.content
+        assert isinstance(content, MailboxToken)
+        token = DepositToken.decode(content.token)
+        row = self.db.one(
+            "SELECT mailbox_token FROM contacts WHERE identity_key = ?", (item.sender,)
+        )
+        held = None if row is None or row[0] is None else DepositToken.decode(bytes(row[0]))
+        if held is None or token.expires_at >= held.expires_at:
+            self.db.execute(
+                "UPDATE contacts SET mailbox_token = ? WHERE identity_key = ?",
+                (content.token, item.sender),
+            )
+        return True
+
+    def deposit_token(self, key: bytes) -> bytes:
+        """The contact's deposit token for its mailboxes, while it is valid (else b"")."""
+        row = self.db.one("SELECT mailbox_token FROM contacts WHERE identity_key = ?", (key,))
+        if row is None or row[0] is None:
+            return b""
+        token = bytes(row[0])
+        return token if DepositToken.decode(token).expires_at > self.now() else b""
 
     # -- reading --------------------------------------------------------------------------------
 

@@ -170,13 +170,16 @@ class Courier:
             return
         contact = self.conv.contacts.get(key)
         record = contact.record
-        if not is_current(record, self.clock()):
+        if not is_current(record, self.clock()) or not (record and record.mailboxes):
+            # also when it lists no mailbox: a newer one may, with a one-time
+            # prekey to take and somewhere to leave envelopes
             record = await self.directory.refresh(key)
         if record is None or record.expires_at <= self.clock():
             self.conv.note_waiting(key, WAITING_FOR_RECORD)
             log.info("no current directory record for contact %s yet", short_id(key))
             return
-        one_time_prekey = await take_prekey(self.host, record)
+        token = self.conv.deposit_token(key)
+        one_time_prekey = await take_prekey(self.host, record, token, self.clock)
         log.info(
             "starting a session with contact %s %s a one-time prekey",
             short_id(key),
@@ -267,7 +270,8 @@ class Courier:
         assert contact.record is not None
         key = contact.identity_key
         pending = self.conv.pending_envelopes(key, limit=MAX_BATCH)
-        stored, refusals = await deposit(self.host, contact.record, pending)
+        token = self.conv.deposit_token(key)
+        stored, refusals = await deposit(self.host, contact.record, pending, token)
         if stored:
             self.conv.stored(list(stored))
             self.stats["deposited"] += len(stored)

@@ -1,51 +1,47 @@
-"""Mailbox peers: store-and-forward of sealed envelopes for offline contacts.
+"""Mailboxes on the network: the mailbox role (``pigeon daemon --mailbox``)
+and the client calls senders make.  See docs/protocol/mailbox.md.
 
-Server side (``pigeon daemon --mailbox``): ``MailboxStore`` keeps envelopes
-in the node's own encrypted database, committed with fsync before a deposit
-is acknowledged; ``MailboxService`` answers ``/pigeon/mailbox/1.0.0`` with
-per-owner quotas, a per-depositor rate limit, expiry, and owner-only pickup
-proven over single-use challenges.  Client side: ``call`` makes one request.
-The store never sees a sender or a plaintext: only sealed envelopes.
+The role answers ``/pigeon/mailbox/1.0.0`` (mailbox_service.py) over what it
+stores (mailbox_store.py), advertises itself in the DHT, expires old
+envelopes and owners, and tells a connected owner when something arrives.
+A sender pays for what it asks with the owner's deposit token when it holds
+one, and with proof of work otherwise (done in a worker thread, off the
+event loop).  A mailbox never sees a sender or a plaintext: only sealed
+envelopes.
 """
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import logging
 import os
-import time
+import struct
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import multiaddr
 import trio
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import IHost
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
-from pigeon.protocol import DecryptError, DirectoryRecord, OneTimePrekey, PigeonError
+from pigeon.protocol import DirectoryRecord, OneTimePrekey, Random
 from pigeon.protocol.frames import MailboxNotice
-from pigeon.protocol.keys import verify_signature
 from pigeon.protocol.mailbox import (
-    ITEM_ID_SIZE,
-    MAX_ITEMS,
-    MAX_PAGE_BYTES,
-    MAX_REQUEST_SIZE,
     MAX_RESPONSE_SIZE,
-    NONCE_SIZE,
-    Item,
+    TAKE_PREKEY_WORK_BITS,
     Op,
     Request,
     Response,
-    mailbox_id,
-    proof_message,
+    deposit_work_bits,
+    do_work,
 )
 
-from .framing import frame, read_frame, serve_frames
-from .storage import Database
+from .framing import frame, read_frame
+from .mailbox_service import MailboxService
+from .mailbox_store import MailboxLimits, MailboxStore
 
 log = logging.getLogger("pigeon.mailbox")
 
@@ -54,253 +50,7 @@ NOTIFY_PROTOCOL = TProtocol("/pigeon/mailbox-notify/1.0.0")
 # Mailbox peers announce themselves as providers of this DHT key (a sha2-256
 # multihash, hex, of "pigeon/mailboxes/v1").
 PROVIDER_KEY = "1220" + hashlib.sha256(b"pigeon/mailboxes/v1").hexdigest()
-
-
-@dataclass(frozen=True)
-class MailboxLimits:
-    default_ttl: int = 30 * 24 * 3600
-    max_ttl: int = 30 * 24 * 3600
-    quota_messages: int = 10_000
-    quota_bytes: int = 256 * 1024 * 1024
-    deposits_per_minute: int = 60
-    challenge_ttl: float = 60.0
-
-
-class MailboxRefused(PigeonError):
-    """A mailbox said no; the message says why, for the sender to act on."""
-
-
-class MailboxStore:
-    def __init__(self, db: Database, limits: MailboxLimits) -> None:
-        self.db = db
-        self.limits = limits
-
-    def register(self, public_key: bytes, now: int) -> bytes:
-        box = mailbox_id(public_key)
-        self.db.execute(
-            "INSERT INTO mailbox_owners (mailbox_id, public_key, registered_at, quota_messages,"
-            " quota_bytes) VALUES (?, ?, ?, ?, ?) ON CONFLICT (mailbox_id) DO NOTHING",
-            (box, public_key, now, self.limits.quota_messages, self.limits.quota_bytes),
-        )
-        return box
-
-    def owner_key(self, box: bytes) -> bytes | None:
-        row = self.db.one("SELECT public_key FROM mailbox_owners WHERE mailbox_id = ?", (box,))
-        return None if row is None else bytes(row[0])
-
-    def deposit(self, box: bytes, envelope: bytes, ttl: int, now: int) -> bytes:
-        """Store durably (the commit is fsynced) and return the item ID."""
-        with self.db.transaction():
-            owner = self.db.one(
-                "SELECT quota_messages, quota_bytes FROM mailbox_owners WHERE mailbox_id = ?",
-                (box,),
-            )
-            if owner is None:
-                raise MailboxRefused("no such mailbox here")
-            count, size = self.db.one(
-                "SELECT count(*), coalesce(sum(size), 0) FROM mailbox_items WHERE mailbox_id = ?",
-                (box,),
-            )
-            if count + 1 > owner[0] or size + len(envelope) > owner[1]:
-                raise MailboxRefused("the recipient's mailbox is full; try again later")
-            item_id = os.urandom(ITEM_ID_SIZE)
-            ttl = min(ttl or self.limits.default_ttl, self.limits.max_ttl)
-            self.db.execute(
-                "INSERT INTO mailbox_items (id, mailbox_id, envelope, size, deposited_at,"
-                " expires_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (item_id, box, envelope, len(envelope), now, now + ttl),
-            )
-        return item_id
-
-    def fetch(self, box: bytes, limit: int) -> tuple[list[Item], bool]:
-        """The oldest items, up to ``limit`` of them and MAX_PAGE_BYTES of
-        envelopes (at least one), and whether more wait.  Sizes are read
-        first, so no more than one page of envelopes is ever in memory."""
-        chosen: list[bytes] = []
-        total = 0
-        more = False
-        for item_id, size in self.db.all(
-            "SELECT id, size FROM mailbox_items WHERE mailbox_id = ?"
-            " ORDER BY deposited_at, rowid LIMIT ?",
-            (box, limit + 1),
-        ):
-            if len(chosen) == limit or (chosen and total + size > MAX_PAGE_BYTES):
-                more = True
-                break
-            chosen.append(bytes(item_id))
-            total += size
-        items = []
-        for item_id in chosen:
-            row = self.db.one(
-                "SELECT envelope, deposited_at FROM mailbox_items WHERE id = ?", (item_id,)
-            )
-            if row is not None:
-                items.append(Item(item_id, bytes(row[0]), row[1]))
-        return items, more
-
-    def delete(self, box: bytes, item_ids: tuple[bytes, ...]) -> None:
-        with self.db.transaction():
-            for item_id in item_ids:
-                self.db.execute(
-                    "DELETE FROM mailbox_items WHERE id = ? AND mailbox_id = ?", (item_id, box)
-                )
-
-    def add_prekeys(self, box: bytes, prekeys: tuple[bytes, ...]) -> int:
-        with self.db.transaction():
-            for raw in prekeys:
-                prekey = OneTimePrekey.decode(raw)
-                self.db.execute(
-                    "INSERT OR IGNORE INTO mailbox_prekeys (mailbox_id, prekey_id, prekey)"
-                    " VALUES (?, ?, ?)",
-                    (box, prekey.prekey_id, raw),
-                )
-        return self.prekeys_left(box)
-
-    def take_prekey(self, box: bytes) -> bytes:
-        """Hand out one prekey and forget it in the same transaction: never twice."""
-        with self.db.transaction():
-            row = self.db.one(
-                "SELECT prekey_id, prekey FROM mailbox_prekeys WHERE mailbox_id = ?"
-                " ORDER BY prekey_id LIMIT 1",
-                (box,),
-            )
-            if row is None:
-                return b""
-            self.db.execute(
-                "DELETE FROM mailbox_prekeys WHERE mailbox_id = ? AND prekey_id = ?", (box, row[0])
-            )
-            return bytes(row[1])
-
-    def prekeys_left(self, box: bytes) -> int:
-        return int(
-            self.db.one("SELECT count(*) FROM mailbox_prekeys WHERE mailbox_id = ?", (box,))[0]
-        )
-
-    def expire(self, now: int) -> int:
-        with self.db.transaction():
-            cursor = self.db.execute("DELETE FROM mailbox_items WHERE expires_at <= ?", (now,))
-            return int(cursor.rowcount)
-
-    def usage(self) -> list[dict[str, object]]:
-        return [
-            {"mailbox": bytes(r[0]).hex(), "messages": r[1], "bytes": r[2]}
-            for r in self.db.all(
-                "SELECT o.mailbox_id, count(i.id), coalesce(sum(i.size), 0) FROM mailbox_owners o"
-                " LEFT JOIN mailbox_items i ON i.mailbox_id = o.mailbox_id GROUP BY o.mailbox_id"
-            )
-        ]
-
-
-class MailboxService:
-    """The protocol handler: one request, one response, per frame."""
-
-    def __init__(
-        self, store: MailboxStore, limits: MailboxLimits, clock: Callable[[], float] = time.time
-    ) -> None:
-        self.store = store
-        self.limits = limits
-        self.clock = clock
-        self._challenges: dict[bytes, tuple[bytes, float]] = {}
-        self._deposits: dict[object, collections.deque[float]] = {}
-        # mailbox -> the peer that last proved it owns it: pushed to on deposits
-        self.owners_seen: dict[bytes, object] = {}
-        self.on_deposit: Callable[[bytes, object], None] | None = None
-        self.stats = {"deposits": 0, "refused": 0, "fetched": 0}
-
-    async def handle(self, stream: INetStream) -> None:
-        peer = stream.muxed_conn.peer_id
-        await serve_frames(
-            stream, MAX_REQUEST_SIZE, lambda data: self.answer(data, peer).encode(), "mailbox"
-        )
-
-    def answer(self, data: bytes, peer: object) -> Response:
-        try:
-            request = Request.decode(data)
-            return self._answer(request, peer)
-        except MailboxRefused as error:
-            self.stats["refused"] += 1
-            log.info("peer=%s mailbox request refused: %s", peer, error)
-            return Response(ok=False, error=str(error))
-        except DecryptError:
-            self.stats["refused"] += 1
-            log.warning("peer=%s mailbox proof refused", peer)
-            return Response(ok=False, error="proof refused")
-
-    def _answer(self, request: Request, peer: object) -> Response:
-        now = self.clock()
-        if request.op == Op.REGISTER:
-            box = self.store.register(request.public_key, int(now))
-            return Response(ok=True, item_id=box)
-        if request.op == Op.DEPOSIT:
-            self._rate_limit(peer, now)
-            item_id = self.store.deposit(
-                request.mailbox_id, request.envelope, request.ttl_s, int(now)
-            )
-            self.stats["deposits"] += 1
-            owner = self.owners_seen.get(request.mailbox_id)
-            if owner is not None and self.on_deposit is not None:
-                self.on_deposit(request.mailbox_id, owner)
-            return Response(ok=True, item_id=item_id)
-        if request.op == Op.CHALLENGE:
-            self._forget_old_challenges(now)
-            nonce = os.urandom(NONCE_SIZE)
-            self._challenges[nonce] = (request.mailbox_id, now + self.limits.challenge_ttl)
-            return Response(ok=True, nonce=nonce)
-        if request.op == Op.TAKE_PREKEY:
-            self._rate_limit(peer, now)
-            if self.store.owner_key(request.mailbox_id) is None:
-                raise MailboxRefused("no such mailbox here")
-            return Response(ok=True, prekey=self.store.take_prekey(request.mailbox_id))
-        # the owner's operations: prove the mailbox key over a fresh, single-use challenge
-        self._check_proof(request, now)
-        box = request.mailbox_id
-        self.owners_seen[box] = peer
-        if request.op == Op.FETCH:
-            items, more = self.store.fetch(box, request.limit or MAX_ITEMS)
-            self.stats["fetched"] += len(items)
-            return Response(
-                ok=True, items=tuple(items), prekeys_left=self.store.prekeys_left(box), more=more
-            )
-        if request.op == Op.ADD_PREKEYS:
-            return Response(ok=True, prekeys_left=self.store.add_prekeys(box, request.prekeys))
-        self.store.delete(box, request.item_ids)
-        return Response(ok=True)
-
-    def _check_proof(self, request: Request, now: float) -> None:
-        challenge = self._challenges.pop(request.nonce, None)
-        key = self.store.owner_key(request.mailbox_id)
-        if challenge is None or challenge[0] != request.mailbox_id or challenge[1] < now:
-            raise DecryptError()
-        if key is None:
-            raise DecryptError()
-        verify_signature(
-            key,
-            proof_message(
-                request.op,
-                request.mailbox_id,
-                request.nonce,
-                request.prekeys if request.op == Op.ADD_PREKEYS else request.item_ids,
-            ),
-            request.signature,
-        )
-
-    def _forget_old_challenges(self, now: float) -> None:
-        if len(self._challenges) > 10_000:
-            for nonce in [n for n, (_, t) in self._challenges.items() if t < now]:
-                del self._challenges[nonce]
-            if len(self._challenges) > 10_000:
-                raise MailboxRefused("too many open challenges; try again later")
-
-    def _rate_limit(self, peer: object, now: float) -> None:
-        window = self._deposits.setdefault(peer, collections.deque())
-        while window and window[0] < now - 60:
-            window.popleft()
-        if len(window) >= self.limits.deposits_per_minute:
-            raise MailboxRefused(
-                f"rate limit: at most {self.limits.deposits_per_minute} deposits a minute;"
-                " retry later"
-            )
-        window.append(now)
+MAX_NOTIFIED = 1_000  # owners we remember telling, to send one notice at a time
 
 
 def addrs(addresses: list[str] | tuple[str, ...]) -> list[multiaddr.Multiaddr]:
@@ -327,35 +77,90 @@ def mailbox_peer(peer_id: bytes, addresses: list[str] | tuple[str, ...]) -> Peer
     return PeerInfo(ID(peer_id), addrs(addresses))
 
 
-async def take_prekey(host: IHost, record: DirectoryRecord) -> OneTimePrekey | None:
-    """Ask the contact's mailboxes for one of its one-time prekeys; without
-    one, X3DH runs with three DHs."""
+async def take_prekey(
+    host: IHost, record: DirectoryRecord, token: bytes, clock: Callable[[], float]
+) -> OneTimePrekey | None:
+    """Ask the contact's mailboxes for one of its one-time prekeys (paying
+    with its deposit token, or with work); without one, X3DH runs with three
+    DHs."""
     for entry in record.mailboxes:
         info = mailbox_peer(entry.peer_id, entry.addresses)
         try:
+            if token:
+                request = Request(Op.TAKE_PREKEY, entry.mailbox_id, token=token)
+            else:
+                window = int(clock() // 60)
+                work = await trio.to_thread.run_sync(
+                    do_work,
+                    Op.TAKE_PREKEY,
+                    entry.mailbox_id,
+                    struct.pack(">Q", window),
+                    TAKE_PREKEY_WORK_BITS,
+                    _start(),
+                )
+                request = Request(Op.TAKE_PREKEY, entry.mailbox_id, work=work, window=window)
             with trio.fail_after(5):
-                (reply,) = await call(host, info, [Request(Op.TAKE_PREKEY, entry.mailbox_id)])
+                (reply,) = await call(host, info, [request])
             if reply.ok and reply.prekey:
                 prekey = OneTimePrekey.decode(reply.prekey)
                 prekey.verify(record.identity_key)
                 return prekey
+            if not reply.ok:
+                log.info("mailbox %s gave no one-time prekey: %s", info.peer_id, reply.error)
         except Exception as error:
             log.info("no one-time prekey from mailbox %s: %s", info.peer_id, error)
     return None
 
 
+def _start() -> int:
+    """Where to start counting work: random, so that two senders doing the
+    same work do not find the same nonce."""
+    return int.from_bytes(os.urandom(6), "big")
+
+
+async def _with_work(box: bytes, envelope: bytes) -> Request:
+    work = await trio.to_thread.run_sync(
+        do_work, Op.DEPOSIT, box, envelope, deposit_work_bits(len(envelope)), _start()
+    )
+    return Request(Op.DEPOSIT, box, envelope=envelope, work=work)
+
+
 async def deposit(
-    host: IHost, record: DirectoryRecord, pending: list[tuple[bytes, bytes]]
+    host: IHost, record: DirectoryRecord, pending: list[tuple[bytes, bytes]], token: bytes
 ) -> tuple[set[bytes], list[str]]:
     """Leave every pending (digest, envelope) with every mailbox the record
-    lists: (digests at least one stored, the mailboxes' refusals)."""
+    lists: (digests at least one stored, the mailboxes' refusals).  With a
+    deposit token the deposits are free; a refused token, or none, means
+    proof of work for each envelope (done once: it is valid at every one of
+    the recipient's mailboxes, which share its mailbox ID)."""
     stored: set[bytes] = set()
     refusals: list[str] = []
+    paid: dict[bytes, Request] = {}  # digest -> a deposit paid for with work
     for entry in record.mailboxes:
         info = mailbox_peer(entry.peer_id, entry.addresses)
-        requests = [Request(Op.DEPOSIT, entry.mailbox_id, envelope=e) for _, e in pending]
+        box = entry.mailbox_id
+        requests = [
+            paid.get(d) or Request(Op.DEPOSIT, box, envelope=e, token=token) for d, e in pending
+        ]
+        if not token:
+            for (d, e), request in zip(pending, requests, strict=True):
+                if not request.work:
+                    paid[d] = await _with_work(box, e)
+            requests = [paid[d] for d, _ in pending]
         try:
             replies = await call(host, info, requests)
+            again = [
+                i
+                for i, reply in enumerate(replies)
+                if not reply.ok and reply.error.startswith("deposit token refused")
+            ]
+            if again:  # the token expired or was not taken: pay with work instead
+                for i in again:
+                    d, e = pending[i]
+                    paid[d] = paid.get(d) or await _with_work(box, e)
+                retried = await call(host, info, [paid[pending[i][0]] for i in again])
+                for i, reply in zip(again, retried, strict=True):
+                    replies[i] = reply
         except Exception as error:
             log.info("mailbox %s unreachable: %s", info.peer_id, error)
             continue
@@ -380,6 +185,7 @@ class MailboxPeer:
         limits: MailboxLimits,
         interval: float,
         clock: Callable[[], float],
+        random: Random,
         spawn: Callable[..., None],
     ) -> None:
         self.host = host
@@ -388,9 +194,9 @@ class MailboxPeer:
         self.interval = interval
         self.clock = clock
         self.spawn = spawn
-        self.service = MailboxService(store, limits, clock)
+        self.service = MailboxService(store, limits, clock, random)
         self.service.on_deposit = self._notify_owner
-        self._pushing: dict[object, float] = {}
+        self._pushing: OrderedDict[object, float] = OrderedDict()
 
     async def run(self) -> None:
         while True:
@@ -408,6 +214,9 @@ class MailboxPeer:
         if self._pushing.get(peer, -1.0) > now - 0.2:
             return  # a notice is already on its way; the owner collects everything
         self._pushing[peer] = now
+        self._pushing.move_to_end(peer)
+        while len(self._pushing) > MAX_NOTIFIED:
+            self._pushing.popitem(last=False)
         if isinstance(peer, ID) and self.host.get_network().get_connections(peer):
             self.spawn(self._push_notice, peer, box)
 

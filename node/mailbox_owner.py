@@ -24,7 +24,17 @@ from nacl.signing import SigningKey
 
 from pigeon.protocol import PigeonError, Random
 from pigeon.protocol.frames import MAX_NOTICE_FRAME, AckStatus, MailboxNotice
-from pigeon.protocol.mailbox import Op, Request, Response, mailbox_id, proof_message
+from pigeon.protocol.mailbox import (
+    REGISTER_WORK_BITS,
+    TOKEN_ID_SIZE,
+    DepositToken,
+    Op,
+    Request,
+    Response,
+    do_work,
+    mailbox_id,
+    proof_message,
+)
 
 from .framing import read_frame
 from .mailbox import PROVIDER_KEY, call, mailbox_peer
@@ -37,6 +47,12 @@ PREKEY_REFILL_BELOW = 10  # as Signal: refill below 10, in batches of 100
 PREKEY_BATCH = 100
 MAILBOX_MAX_FAILURES = 3  # consecutive failed collections before a mailbox is replaced
 MAX_COLLECT_PAGES = 64  # pages per mailbox per collection; the rest comes right after
+# Private halves of one-time prekeys left with one mailbox and not yet used:
+# beyond this, a mailbox is not refilled (they expire after PREKEY_LIFETIME).
+MAX_OUTSTANDING_PREKEYS = 3 * PREKEY_BATCH
+TOKEN_LIFETIME = 30 * 24 * 3600  # a deposit token we give a contact
+SHUN_FOR = 3600.0  # seconds a mailbox we dropped for failing is not chosen again
+MAX_SHUNNED = 256
 
 Accept = Callable[[list[bytes], object], list[AckStatus]]
 
@@ -73,6 +89,7 @@ class MailboxOwner:
         self.collect_now = trio.Event()
         self._searches = 0
         self._key: SigningKey | None = None
+        self._shunned: dict[bytes, float] = {}  # peer ID -> until (trio time)
 
     @property
     def mailbox_key(self) -> SigningKey:
@@ -90,6 +107,17 @@ class MailboxOwner:
     @property
     def mailbox_id(self) -> bytes:
         return mailbox_id(bytes(self.mailbox_key.verify_key))
+
+    def issue_token(self) -> bytes:
+        """A deposit token for a contact, valid at all our mailboxes for 30 days."""
+        key = self.mailbox_key
+        token = DepositToken.issue(
+            bytes(key.verify_key),
+            lambda statement: key.sign(statement).signature,
+            self.random(TOKEN_ID_SIZE),
+            int(self.clock()) + TOKEN_LIFETIME,
+        )
+        return token.encode()
 
     def my_mailboxes(self) -> list[tuple[bytes, list[str]]]:
         return [
@@ -112,6 +140,7 @@ class MailboxOwner:
                 await self.collect_mailboxes()
             except Exception as error:
                 log.warning("mailbox upkeep failed: %s", error)
+            self.prekeys.expire_one_time()
             wait = self.interval
             if len(self.my_mailboxes()) < self.count:
                 # still looking for mailboxes: soon at first, then less often
@@ -130,9 +159,11 @@ class MailboxOwner:
         changed = False
         with trio.move_on_after(20):
             providers = await self.dht.find_providers(PROVIDER_KEY, 20)
+            now = trio.current_time()
+            self._shunned = {p: t for p, t in self._shunned.items() if t > now}
             for info in providers:
                 raw = info.peer_id.to_bytes()
-                if raw in have or info.peer_id == self.host.get_id():
+                if raw in have or raw in self._shunned or info.peer_id == self.host.get_id():
                     continue
                 if len(have) >= self.count:
                     break
@@ -142,7 +173,12 @@ class MailboxOwner:
         return changed
 
     async def _register(self, info: PeerInfo) -> bool:
-        request = Request(Op.REGISTER, public_key=bytes(self.mailbox_key.verify_key))
+        public_key = bytes(self.mailbox_key.verify_key)
+        start = int.from_bytes(self.random(6), "big")
+        work = await trio.to_thread.run_sync(
+            do_work, Op.REGISTER, self.mailbox_id, public_key, REGISTER_WORK_BITS, start
+        )
+        request = Request(Op.REGISTER, public_key=public_key, work=work)
         try:
             (reply,) = await call(self.host, info, [request])
         except Exception as error:
@@ -185,6 +221,8 @@ class MailboxOwner:
             if row is not None and row[0] >= MAILBOX_MAX_FAILURES:
                 log.warning("mailbox %s keeps failing: replacing it", info.peer_id)
                 self.db.execute("DELETE FROM my_mailboxes WHERE peer_id = ?", (peer_raw,))
+                if len(self._shunned) < MAX_SHUNNED:
+                    self._shunned[peer_raw] = trio.current_time() + SHUN_FOR
                 self.republish()  # senders must stop depositing there
                 self.collect_now.set()
 
@@ -231,7 +269,13 @@ class MailboxOwner:
     async def _refill_prekeys(self, info: PeerInfo, left: int) -> None:
         if left >= PREKEY_REFILL_BELOW:
             return
-        prekeys = self.prekeys.new_one_time(PREKEY_BATCH, info.peer_id.to_bytes())
+        mailbox = info.peer_id.to_bytes()
+        if self.prekeys.outstanding(mailbox) >= MAX_OUTSTANDING_PREKEYS:
+            # Handed out faster than sessions start with them: someone is
+            # draining them.  Senders fall back to three-DH X3DH meanwhile.
+            log.warning("one-time prekeys at mailbox %s drain too fast: not refilled", info.peer_id)
+            return
+        prekeys = self.prekeys.new_one_time(PREKEY_BATCH, mailbox)
         reply = await self._proven(info, Op.ADD_PREKEYS, tuple(p.encode() for p in prekeys))
         if reply.ok:
             log.info("left %d one-time prekeys with mailbox %s", len(prekeys), info.peer_id)

@@ -50,8 +50,9 @@ from .conversations import Accepted, Conversations
 from .delivery import ENVELOPE_PROTOCOL, Courier, EnvelopeService
 from .directory import Directory, make_dht_validator
 from .host import build_host, check_listening, close_host
-from .mailbox import MAILBOX_PROTOCOL, NOTIFY_PROTOCOL, MailboxLimits, MailboxPeer, MailboxStore
+from .mailbox import MAILBOX_PROTOCOL, NOTIFY_PROTOCOL, MailboxPeer
 from .mailbox_owner import MailboxOwner
+from .mailbox_store import MailboxLimits, MailboxStore
 from .presence import PRESENCE_PROTOCOL, PresenceService
 from .storage import Database
 
@@ -121,6 +122,7 @@ class Node:
             random=random,
             clock=clock,
         )
+        conv.issue_token = self.owner.issue_token
         self.mailbox: MailboxPeer | None = None
         if config.serve_mailbox:
             self.mailbox = MailboxPeer(
@@ -130,6 +132,7 @@ class Node:
                 config.mailbox_limits,
                 config.mailbox_interval,
                 clock,
+                random,
                 self.spawn,
             )
 

@@ -14,6 +14,11 @@ from .storage import Database
 
 SIGNED_PREKEY_LIFETIME = 7 * 24 * 3600
 RETIRED_PREKEY_KEPT = 14 * 24 * 3600
+# A one-time prekey's private half is kept this long: longer than a mailbox
+# hands the public half out (30 days) plus an envelope's life (30 days), so a
+# session started with one can always be answered, and no longer, so a drain
+# cannot grow this table for ever.
+ONE_TIME_PREKEY_LIFETIME = 60 * 24 * 3600
 
 
 class Prekeys:
@@ -80,6 +85,19 @@ class Prekeys:
     def one_time_private(self, prekey_id: int) -> bytes | None:
         row = self.db.one("SELECT private FROM one_time_prekeys WHERE id = ?", (prekey_id,))
         return None if row is None else bytes(row[0])
+
+    def outstanding(self, mailbox: bytes) -> int:
+        """One-time prekeys left with ``mailbox`` whose private half we still hold."""
+        return int(
+            self.db.one("SELECT count(*) FROM one_time_prekeys WHERE mailbox = ?", (mailbox,))[0]
+        )
+
+    def expire_one_time(self) -> int:
+        cursor = self.db.execute(
+            "DELETE FROM one_time_prekeys WHERE created_at < ?",
+            (self.clock() - ONE_TIME_PREKEY_LIFETIME,),
+        )
+        return int(cursor.rowcount)
 
     def used_one_time(self, prekey_id: int) -> None:
         """A session was set up with it: it must never work again."""

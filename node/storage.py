@@ -127,6 +127,35 @@ MIGRATIONS: list[str] = [
     CREATE TABLE contact_devices (
         peer_id BLOB NOT NULL, identity_key BLOB NOT NULL, PRIMARY KEY (peer_id, identity_key));
     """,
+    # version 5: hostile peers.  As a mailbox: counters per owner and per
+    # source (a deposit token, or strangers' work), so quotas never scan;
+    # envelopes deduplicated by digest; owners that stop collecting expire;
+    # one-time prekeys age out.  As a contact: the deposit token a contact
+    # gave us, and when we last gave ours.
+    """
+    ALTER TABLE mailbox_owners ADD COLUMN items INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE mailbox_owners ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE mailbox_owners ADD COLUMN last_proof_at INTEGER;
+    ALTER TABLE mailbox_items ADD COLUMN digest BLOB;
+    ALTER TABLE mailbox_items ADD COLUMN source BLOB NOT NULL DEFAULT X'';
+    CREATE UNIQUE INDEX mailbox_items_by_digest ON mailbox_items (mailbox_id, digest);
+    CREATE TABLE mailbox_usage (
+        mailbox_id BLOB NOT NULL, source BLOB NOT NULL, items INTEGER NOT NULL,
+        bytes INTEGER NOT NULL, PRIMARY KEY (mailbox_id, source));
+    CREATE INDEX mailbox_usage_by_source ON mailbox_usage (source);
+    INSERT INTO mailbox_usage (mailbox_id, source, items, bytes)
+        SELECT mailbox_id, source, count(*), sum(size) FROM mailbox_items
+        GROUP BY mailbox_id, source;
+    UPDATE mailbox_owners SET
+        items = (SELECT count(*) FROM mailbox_items i
+                 WHERE i.mailbox_id = mailbox_owners.mailbox_id),
+        bytes = (SELECT coalesce(sum(size), 0) FROM mailbox_items i
+                 WHERE i.mailbox_id = mailbox_owners.mailbox_id);
+    ALTER TABLE mailbox_prekeys ADD COLUMN added_at INTEGER NOT NULL DEFAULT 0;
+    UPDATE mailbox_prekeys SET added_at = CAST(strftime('%s', 'now') AS INTEGER);
+    ALTER TABLE contacts ADD COLUMN mailbox_token BLOB;
+    ALTER TABLE contacts ADD COLUMN token_sent_at INTEGER;
+    """,
 ]
 
 

@@ -14,6 +14,7 @@ from enum import IntEnum
 
 from .crypto import Random
 from .errors import LocalProtocolError, ProtocolError
+from .mailbox import MAX_TOKEN_SIZE, DepositToken
 from .wire import Fields, Writer
 
 MESSAGE_ID_SIZE = 16
@@ -45,6 +46,7 @@ class Kind(IntEnum):
     FILE_OFFER = 3
     WEBRTC_SIGNAL = 4
     SESSION_RESET = 5
+    MAILBOX_TOKEN = 6
 
 
 class ReceiptType(IntEnum):
@@ -100,6 +102,14 @@ class SessionReset:
 
 
 @dataclass(frozen=True)
+class MailboxToken:
+    """The sender's deposit token (an encoded mailbox.DepositToken): with it,
+    the receiver leaves envelopes at the sender's mailboxes without work."""
+
+    token: bytes
+
+
+@dataclass(frozen=True)
 class Unknown:
     """A kind from a newer version: keep the bytes, show nothing."""
 
@@ -107,7 +117,7 @@ class Unknown:
     body: bytes
 
 
-Content = Text | Receipt | FileOffer | WebRTCSignal | SessionReset | Unknown
+Content = Text | Receipt | FileOffer | WebRTCSignal | SessionReset | MailboxToken | Unknown
 
 
 def _encode_content(content: Content) -> tuple[int, bytes]:
@@ -129,6 +139,8 @@ def _encode_content(content: Content) -> tuple[int, bytes]:
         return Kind.WEBRTC_SIGNAL, w.finish()
     if isinstance(content, SessionReset):
         return Kind.SESSION_RESET, Writer().uint(1, content.reason).uint(2, content.failed).finish()
+    if isinstance(content, MailboxToken):
+        return Kind.MAILBOX_TOKEN, Writer().bytes_(1, content.token).finish()
     return content.kind, content.body
 
 
@@ -162,6 +174,10 @@ def _decode_content(kind: int, body: bytes) -> Content:
         f = Fields(body)
         reason = ResetReason(_enum(ResetReason, f.uint(1, default=None)))
         return SessionReset(reason, f.uint(2, maximum=0xFFFFFFFF))
+    if kind == Kind.MAILBOX_TOKEN:
+        raw = Fields(body).bytes_(1, max_size=MAX_TOKEN_SIZE)
+        DepositToken.decode(raw)  # well-formed; only a mailbox can check it is genuine
+        return MailboxToken(raw)
     return Unknown(kind, body)
 
 

@@ -4,9 +4,12 @@ through the public API, and a database connection that can be held mid-way."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from nacl.signing import SigningKey
 
 from pigeon.node.storage import Database
 from pigeon.protocol import (
@@ -21,6 +24,14 @@ from pigeon.protocol import (
     SignedPrekey,
 )
 from pigeon.protocol.crypto import x25519_keypair
+from pigeon.protocol.mailbox import (
+    REGISTER_WORK_BITS,
+    DepositToken,
+    Op,
+    Request,
+    do_work,
+    mailbox_id,
+)
 from pigeon.protocol.records import MailboxEntry
 
 NOW = 1_800_000_000
@@ -131,3 +142,24 @@ class HeldDatabase(Database):
         if self.hold is not None and sql.lstrip().upper().startswith("DELETE FROM MAILBOX_PREKEYS"):
             self.hold()
         return super().execute(sql, params)
+
+
+def work_start() -> int:
+    """A random place to start counting work, as clients do."""
+    return int.from_bytes(os.urandom(6), "big")
+
+
+def register_request(key: SigningKey, bits: int = REGISTER_WORK_BITS) -> Request:
+    """REGISTER for ``key``, with the proof of work a mailbox asks for."""
+    public = bytes(key.verify_key)
+    work = do_work(Op.REGISTER, mailbox_id(public), public, bits, work_start())
+    return Request(Op.REGISTER, public_key=public, work=work)
+
+
+def deposit_token(key: SigningKey, expires_at: int | None = None) -> bytes:
+    """A deposit token the owner of mailbox key ``key`` gives a contact."""
+    expires = int(time.time()) + 3600 if expires_at is None else expires_at
+    token = DepositToken.issue(
+        bytes(key.verify_key), lambda m: key.sign(m).signature, os.urandom(16), expires
+    )
+    return token.encode()

@@ -47,6 +47,7 @@ from pigeon.protocol import (
     FileOffer,
     IdentityKeyPair,
     IncomingMessage,
+    MailboxToken,
     OneTimePrekey,
     Opened,
     ProtocolError,
@@ -73,7 +74,7 @@ from pigeon.protocol.contact import validate_name
 from pigeon.protocol.crypto import aead_encrypt, hkdf, x25519, x25519_keypair
 from pigeon.protocol.envelope import BUCKETS, pad
 from pigeon.protocol.frames import Ack, AckEntry, AckStatus, Deliver, MailboxNotice, Presence
-from pigeon.protocol.mailbox import Item, Op, Request, Response
+from pigeon.protocol.mailbox import DepositToken, Item, Op, Request, Response
 from pigeon.protocol.records import MailboxEntry
 from pigeon.protocol.wire import Fields, Writer, decode_varint, encode_varint
 
@@ -215,6 +216,9 @@ CONTACT_URI = ContactCode(
 ).to_uri()
 CONTACT_KEY_PART = CONTACT_URI[: CONTACT_URI.index("?") + 1]  # "pigeon:<key>?"
 ENVELOPE = seal(ALICE.identity, BOB.identity.public_key, b"sealed payload", os.urandom)
+TOKEN = DepositToken.issue(
+    BOB.identity.public_key, BOB.identity.sign, b"t" * 16, NOW + 86400
+).encode()
 
 
 def _app(content: Content) -> bytes:
@@ -304,7 +308,8 @@ def _build_samples() -> dict[str, Sample]:
     ack = Ack(
         (AckEntry(b"d" * 32, AckStatus.STORED), AckEntry(b"e" * 32, AckStatus.REFUSED))
     ).encode()
-    deposit = Request(Op.DEPOSIT, b"b" * 16, envelope=ENVELOPE, ttl_s=3600).encode()
+    deposit = Request(Op.DEPOSIT, b"b" * 16, envelope=ENVELOPE, ttl_s=3600, token=TOKEN).encode()
+    take_with_work = Request(Op.TAKE_PREKEY, b"b" * 16, work=b"w" * 8, window=29_000_000).encode()
     delete = Request(
         Op.DELETE, b"b" * 16, nonce=b"n" * 32, signature=b"s" * 64, item_ids=(b"i" * 16, b"j" * 16)
     ).encode()
@@ -438,6 +443,20 @@ def _build_samples() -> dict[str, Sample]:
             _app(SessionReset(ResetReason.UNDECRYPTABLE, 3)),
             None,
             "a reset's body holds its required reason, so no prefix is valid",
+        ),
+        "app message, mailbox token": Sample(
+            AppMessage.decode,
+            _app(MailboxToken(TOKEN)),
+            None,
+            "a token's body holds its required token, so no prefix is valid",
+        ),
+        "deposit token": Sample(DepositToken.decode, TOKEN, None, STRICT, protobuf_prefix=b""),
+        "mailbox request, take prekey with work": Sample(
+            Request.decode,
+            take_with_work,
+            field_end(take_with_work, 2),
+            "work and window after the mailbox ID are optional",
+            protobuf_prefix=b"",
         ),
         "deliver frame": Sample(
             Deliver.decode,

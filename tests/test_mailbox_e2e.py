@@ -17,7 +17,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from nacl.signing import SigningKey
 
 from daemons import BOX, PASSPHRASE, Daemon, mailbox_network, status, wait_for
-from helpers import HeldDatabase
+from helpers import HeldDatabase, deposit_token, register_request
 from pigeon.node.control import Client
 from pigeon.node.framing import frame
 from pigeon.node.host import build_host, close_host
@@ -126,17 +126,15 @@ def test_a_mailbox_killed_during_deposits_keeps_what_it_acknowledged(net):
         async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
             try:
                 info = info_from_p2p_addr(multiaddr.Multiaddr(box.address))
-                (reply,) = await call(
-                    host, info, [Request(Op.REGISTER, public_key=bytes(key.verify_key))]
-                )
+                (reply,) = await call(host, info, [register_request(key)])
                 mailbox = reply.item_id
+                token = deposit_token(key)  # as a contact of the owner's deposits
                 for i in range(200):
                     if i == 50:
                         box.kill9()
                     try:
-                        (reply,) = await call(
-                            host, info, [Request(Op.DEPOSIT, mailbox, envelope=b"e%d" % i)]
-                        )
+                        deposit = Request(Op.DEPOSIT, mailbox, envelope=b"e%d" % i, token=token)
+                        (reply,) = await call(host, info, [deposit])
                     except Exception:
                         break
                     if reply.ok:
@@ -213,7 +211,8 @@ def test_a_connected_owner_gets_a_push(tmp_path: Path):
         seed = db.get_meta("mailbox_seed")
         db.close()
         assert seed is not None
-        mailbox = mailbox_id(bytes(SigningKey(seed).verify_key))
+        key = SigningKey(seed)
+        mailbox = mailbox_id(bytes(key.verify_key))
         time.sleep(2)  # Bob's first collection proves his ownership to the mailbox
 
         async def deposit() -> None:
@@ -221,10 +220,11 @@ def test_a_connected_owner_gets_a_push(tmp_path: Path):
             async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
                 try:
                     info = info_from_p2p_addr(multiaddr.Multiaddr(box.address))
-                    (reply,) = await call(
-                        host, info, [Request(Op.DEPOSIT, mailbox, envelope=b"x" * 400)]
+                    deposit = Request(
+                        Op.DEPOSIT, mailbox, envelope=b"x" * 400, token=deposit_token(key)
                     )
-                    assert reply.ok
+                    (reply,) = await call(host, info, [deposit])
+                    assert reply.ok, reply.error
                 finally:
                     await close_host(host)
 
@@ -236,7 +236,9 @@ def test_a_connected_owner_gets_a_push(tmp_path: Path):
             node.stop()
 
 
-async def take_prekeys_at_once(hosts: list[Any], info: Any, mailbox: bytes) -> list[bytes]:
+async def take_prekeys_at_once(
+    hosts: list[Any], info: Any, mailbox: bytes, token: bytes
+) -> list[bytes]:
     """One TAKE_PREKEY from each host, all in flight together: every host opens
     its stream, then every host writes its request, and only when all are
     written does any of them read its answer."""
@@ -258,7 +260,7 @@ async def take_prekeys_at_once(hosts: list[Any], info: Any, mailbox: bytes) -> l
         stream = await host.new_stream(info.peer_id, [MAILBOX_PROTOCOL])
         try:
             await arrived("opened", opened)
-            await stream.write(frame(Request(Op.TAKE_PREKEY, mailbox).encode()))
+            await stream.write(frame(Request(Op.TAKE_PREKEY, mailbox, token=token).encode()))
             await arrived("written", written)
             reply = Response.decode(await read_frame(stream, MAX_RESPONSE_SIZE))
             assert reply.ok, reply.error
@@ -287,7 +289,7 @@ def test_two_senders_racing_for_the_last_one_time_prekey(tmp_path: Path):
     last prekey and deleting it while the two senders' requests arrive at the
     daemon: with the transaction the daemon waits and hands out nothing;
     without it the prekey goes out twice."""
-    from pigeon.node.mailbox import MailboxLimits, MailboxStore
+    from pigeon.node.mailbox_store import MailboxLimits, MailboxStore
     from pigeon.protocol import IdentityKeyPair, OneTimePrekey
 
     box = Daemon(tmp_path, "box", [], BOX).start()
@@ -315,10 +317,9 @@ def test_two_senders_racing_for_the_last_one_time_prekey(tmp_path: Path):
         ):
             try:
                 info = info_from_p2p_addr(multiaddr.Multiaddr(box.address))
-                (reply,) = await call(
-                    hosts[0], info, [Request(Op.REGISTER, public_key=bytes(owner.verify_key))]
-                )
+                (reply,) = await call(hosts[0], info, [register_request(owner)])
                 mailbox = reply.item_id
+                token = deposit_token(owner)
 
                 async def add_last_prekey(n: int) -> bytes:
                     prekey = OneTimePrekey.create(identity, n, os.urandom)[0].encode()
@@ -350,7 +351,7 @@ def test_two_senders_racing_for_the_last_one_time_prekey(tmp_path: Path):
 
                 for n in range(1, rounds + 1):
                     prekey = await add_last_prekey(n)
-                    carol, dave = await take_prekeys_at_once(hosts[1:], info, mailbox)
+                    carol, dave = await take_prekeys_at_once(hosts[1:], info, mailbox, token)
                     handed_out.append(who_got(prekey, {"carol": carol, "dave": dave}))
 
                 prekey = await add_last_prekey(rounds + 1)
@@ -360,7 +361,7 @@ def test_two_senders_racing_for_the_last_one_time_prekey(tmp_path: Path):
                     try:
                         local["second connection"] = MailboxStore(
                             second, MailboxLimits()
-                        ).take_prekey(mailbox)
+                        ).take_prekey(mailbox, int(time.time()))
                     except BaseException as error:
                         local["second connection"] = error
                     finally:
@@ -370,7 +371,7 @@ def test_two_senders_racing_for_the_last_one_time_prekey(tmp_path: Path):
                     nursery.start_soon(trio.to_thread.run_sync, take_on_the_second_connection)
                     await trio.to_thread.run_sync(local_has_read.wait, 30)
                     try:
-                        carol, dave = await take_prekeys_at_once(hosts[1:], info, mailbox)
+                        carol, dave = await take_prekeys_at_once(hosts[1:], info, mailbox, token)
                     finally:
                         senders_answered.set()
                 handed_out.append(who_got(prekey, {**local, "carol": carol, "dave": dave}))

@@ -4,7 +4,9 @@ network: quotas, rate limit, expiry, owner-only pickup, replayed proofs."""
 from __future__ import annotations
 
 import os
+import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from helpers import HeldDatabase
-from pigeon.node.mailbox import MailboxLimits, MailboxService, MailboxStore
+from helpers import HeldDatabase, deposit_token, register_request, work_start
+from pigeon.node.mailbox_service import MailboxService
+from pigeon.node.mailbox_store import MailboxLimits, MailboxStore
 from pigeon.node.storage import Database
 from pigeon.protocol import ProtocolError
 from pigeon.protocol.envelope import MAX_ENVELOPE
@@ -21,14 +24,20 @@ from pigeon.protocol.mailbox import (
     MAX_ITEMS,
     MAX_PAGE_BYTES,
     MAX_RESPONSE_SIZE,
+    REGISTER_WORK_BITS,
+    TAKE_PREKEY_WORK_BITS,
     Op,
     Request,
     Response,
+    deposit_work_bits,
+    do_work,
     mailbox_id,
     proof_message,
 )
 
-LIMITS = MailboxLimits(quota_messages=5, quota_bytes=5000, deposits_per_minute=8)
+# Proofs of work 12 bits cheaper than on the network: cheap, but not free, so
+# a request without one is still refused.
+LIMITS = MailboxLimits(quota_messages=5, quota_bytes=5000, deposits_per_minute=8, work_discount=12)
 
 
 @pytest.fixture
@@ -43,9 +52,29 @@ def ask(service: MailboxService, request: Request, peer: str = "peer") -> Respon
 
 def register(service: MailboxService) -> tuple[SigningKey, bytes]:
     key = SigningKey(os.urandom(32))
-    reply = ask(service, Request(Op.REGISTER, public_key=bytes(key.verify_key)))
-    assert reply.ok and reply.item_id == mailbox_id(bytes(key.verify_key))
+    request = register_request(key, service.limits.work_bits(REGISTER_WORK_BITS))
+    reply = ask(service, request)
+    assert reply.ok and reply.item_id == mailbox_id(request.public_key)
     return key, reply.item_id
+
+
+def paid(service: MailboxService, box: bytes, envelope: bytes, ttl: int = 0) -> Request:
+    """A deposit paid for with (cheap) work, as a stranger pays."""
+    bits = service.limits.work_bits(deposit_work_bits(len(envelope)))
+    work = do_work(Op.DEPOSIT, box, envelope, bits, work_start())
+    return Request(Op.DEPOSIT, box, envelope=envelope, ttl_s=ttl, work=work)
+
+
+token_for = deposit_token
+
+
+def take(service: MailboxService, box: bytes, *, token: bytes = b"") -> Request:
+    if token:
+        return Request(Op.TAKE_PREKEY, box, token=token)
+    window = int(time.time() // 60)
+    bits = service.limits.work_bits(TAKE_PREKEY_WORK_BITS)
+    work = do_work(Op.TAKE_PREKEY, box, struct.pack(">Q", window), bits, work_start())
+    return Request(Op.TAKE_PREKEY, box, work=work, window=window)
 
 
 def proven(service: MailboxService, key: SigningKey, op: Op, box: bytes, ids=()) -> Request:
@@ -57,7 +86,7 @@ def proven(service: MailboxService, key: SigningKey, op: Op, box: bytes, ids=())
 def test_deposit_fetch_delete(service):
     key, box = register(service)
     for i in range(3):
-        assert ask(service, Request(Op.DEPOSIT, box, envelope=b"sealed %d" % i)).ok
+        assert ask(service, paid(service, box, b"sealed %d" % i)).ok
     items = ask(service, proven(service, key, Op.FETCH, box)).items
     assert [i.envelope for i in items] == [b"sealed 0", b"sealed 1", b"sealed 2"]
     assert ask(service, proven(service, key, Op.DELETE, box, [i.item_id for i in items])).ok
@@ -68,7 +97,12 @@ def test_a_pickup_is_paged_by_bytes_and_count(tmp_path: Path):
     """Whatever a mailbox holds, one FETCH reply stays under the owner's
     frame limit: items up to MAX_PAGE_BYTES (one alone when larger) or
     MAX_ITEMS, and ``more`` says whether to ask again."""
-    limits = MailboxLimits(quota_messages=10_000, quota_bytes=1 << 30, deposits_per_minute=10**6)
+    limits = MailboxLimits(
+        quota_messages=10_000,
+        quota_bytes=1 << 30,
+        deposits_per_minute=10**6,
+        work_discount=LIMITS.work_discount,
+    )
     db = Database.create(tmp_path / "box", "pw", fast_kdf=True)
     service = MailboxService(MailboxStore(db, limits), limits)
     key, box = register(service)
@@ -76,7 +110,7 @@ def test_a_pickup_is_paged_by_bytes_and_count(tmp_path: Path):
     middling = [os.urandom(300_000) for _ in range(5)]
     small = [b"s%04d" % i for i in range(MAX_ITEMS + 10)]
     for envelope in big + middling + small:
-        assert ask(service, Request(Op.DEPOSIT, box, envelope=envelope)).ok
+        assert ask(service, paid(service, box, envelope)).ok
     pages = []
     while True:
         request = proven(service, key, Op.FETCH, box)
@@ -97,7 +131,7 @@ def test_a_pickup_is_paged_by_bytes_and_count(tmp_path: Path):
 
 def test_a_stranger_cannot_fetch_or_delete(service):
     key, box = register(service)
-    ask(service, Request(Op.DEPOSIT, box, envelope=b"for the owner"))
+    ask(service, paid(service, box, b"for the owner"))
     stranger = SigningKey(os.urandom(32))
     for op in (Op.FETCH, Op.DELETE):
         reply = ask(service, proven(service, stranger, op, box, [b"\0" * 16]))
@@ -107,7 +141,7 @@ def test_a_stranger_cannot_fetch_or_delete(service):
 
 def test_a_replayed_proof_fails(service):
     key, box = register(service)
-    ask(service, Request(Op.DEPOSIT, box, envelope=b"x"))
+    ask(service, paid(service, box, b"x"))
     request = proven(service, key, Op.FETCH, box)
     assert ask(service, request).ok
     replay = ask(service, request)
@@ -116,7 +150,7 @@ def test_a_replayed_proof_fails(service):
 
 def test_a_proof_for_another_operation_fails(service):
     key, box = register(service)
-    ask(service, Request(Op.DEPOSIT, box, envelope=b"x"))
+    ask(service, paid(service, box, b"x"))
     fetch = proven(service, key, Op.FETCH, box)
     as_delete = Request(Op.DELETE, box, nonce=fetch.nonce, signature=fetch.signature)
     assert not ask(service, as_delete).ok
@@ -124,12 +158,14 @@ def test_a_proof_for_another_operation_fails(service):
 
 def test_quota_refuses_with_a_clear_error(service):
     _, box = register(service)
-    for _ in range(LIMITS.quota_messages):
-        assert ask(service, Request(Op.DEPOSIT, box, envelope=b"m"), peer=os.urandom(4)).ok
-    reply = ask(service, Request(Op.DEPOSIT, box, envelope=b"m"), peer="late")
+    for i in range(LIMITS.quota_messages):
+        assert ask(service, paid(service, box, b"m%d" % i), peer=os.urandom(4)).ok
+    again = ask(service, paid(service, box, b"m0"), peer="again")
+    assert again.ok  # the same envelope again is the same item, not a new one
+    reply = ask(service, paid(service, box, b"one more"), peer="late")
     assert not reply.ok and reply.error == "the recipient's mailbox is full; try again later"
     _, other = register(service)
-    big = ask(service, Request(Op.DEPOSIT, other, envelope=b"x" * 6000))
+    big = ask(service, paid(service, other, b"x" * 6000))
     assert not big.ok and "full" in big.error
 
 
@@ -137,25 +173,25 @@ def test_rate_limit_per_depositor(service):
     _, box = register(service)
     _, box2 = register(service)
     replies = [
-        ask(service, Request(Op.DEPOSIT, box if i % 2 else box2, envelope=b"m"), peer="eager")
+        ask(service, paid(service, box if i % 2 else box2, b"m"), peer="eager")
         for i in range(LIMITS.deposits_per_minute + 1)
     ]
     assert all(r.ok for r in replies[:-1])
-    assert not replies[-1].ok and replies[-1].error.startswith("rate limit: at most 8 deposits")
-    assert ask(service, Request(Op.DEPOSIT, box, envelope=b"m"), peer="someone else").ok
+    assert not replies[-1].ok and replies[-1].error.startswith("rate limit: at most 8 requests")
+    assert ask(service, paid(service, box, b"m"), peer="someone else").ok
 
 
 def test_unknown_mailbox_is_refused(service):
-    reply = ask(service, Request(Op.DEPOSIT, b"\1" * 16, envelope=b"m"))
+    reply = ask(service, paid(service, b"\1" * 16, b"m"))
     assert not reply.ok and reply.error == "no such mailbox here"
+    challenge = ask(service, Request(Op.CHALLENGE, b"\1" * 16))
+    assert not challenge.ok and challenge.error == "no such mailbox here"
 
 
 def test_expired_envelopes_are_really_deleted(service, tmp_path: Path):
     key, box = register(service)
-    ask(service, Request(Op.DEPOSIT, box, envelope=b"short lived secret", ttl_s=10))
+    ask(service, paid(service, box, b"short lived secret", ttl=10))
     store = service.store
-    import time
-
     assert store.expire(int(time.time()) + 11) == 1
     assert ask(service, proven(service, key, Op.FETCH, box)).items == ()
     store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -168,7 +204,7 @@ def test_expired_envelopes_are_really_deleted(service, tmp_path: Path):
 
 def test_ttl_is_capped(service):
     _, box = register(service)
-    ask(service, Request(Op.DEPOSIT, box, envelope=b"m", ttl_s=10**9))
+    ask(service, paid(service, box, b"m", ttl=10**9))
     deposited, expires = service.store.db.one("SELECT deposited_at, expires_at FROM mailbox_items")
     assert expires - deposited == LIMITS.max_ttl
 
@@ -213,7 +249,7 @@ def add_prekeys(service: MailboxService, key: SigningKey, box: bytes, count: int
 def test_one_time_prekeys_are_handed_out_once(service):
     key, box = register(service)
     assert add_prekeys(service, key, box, 5) == 5
-    taken = [ask(service, Request(Op.TAKE_PREKEY, box), peer=f"s{i}").prekey for i in range(7)]
+    taken = [ask(service, take(service, box), peer=f"s{i}").prekey for i in range(7)]
     handed = [p for p in taken if p]
     assert len(handed) == 5 and len(set(handed)) == 5
     assert taken[5:] == [b"", b""]  # none left: the sender falls back to three DHs
@@ -235,12 +271,12 @@ def test_two_senders_racing_for_the_last_prekey(tmp_path: Path):
         MailboxStore(HeldDatabase.create(home, "pw", fast_kdf=True), LIMITS), LIMITS
     )
     # the owner's side is not what races here: set the mailbox up in the store
-    box = first.store.register(bytes(SigningKey(os.urandom(32)).verify_key), 0)
+    box = first.store.register(bytes(SigningKey(os.urandom(32)).verify_key), int(time.time()))
     identity = IdentityKeyPair.generate(os.urandom)
     prekey = OneTimePrekey.create(identity, 1, os.urandom)[0].encode()
-    assert first.store.add_prekeys(box, (prekey,)) == 1
+    assert first.store.add_prekeys(box, (prekey,), int(time.time())) == 1
     second = MailboxService(MailboxStore(Database.open(home, "pw"), LIMITS), LIMITS)
-    take = Request(Op.TAKE_PREKEY, box).encode()
+    taking = take(first, box).encode()
 
     alice_has_read, carol_answered = threading.Event(), threading.Event()
     held: list[bool] = []
@@ -256,7 +292,7 @@ def test_two_senders_racing_for_the_last_prekey(tmp_path: Path):
     got: dict[str, bytes | BaseException] = {}
 
     def prekey_for(name: str, service: MailboxService) -> bytes:
-        reply = service.answer(take, name)
+        reply = service.answer(taking, name)
         assert reply.ok, reply.error
         return reply.prekey
 
@@ -301,3 +337,197 @@ def test_only_the_owner_adds_prekeys(service):
         service, Request(Op.ADD_PREKEYS, box, nonce=nonce, signature=signature, prekeys=(b"x",))
     )
     assert not reply.ok and reply.error == "proof refused"
+
+
+# -- what a stranger may ask, and what it costs (issue: hostile peers) ---------------
+
+
+def test_registering_depositing_and_taking_prekeys_cost_a_token_or_work(service):
+    key, box = register(service)
+    public = bytes(key.verify_key)
+    reply = ask(
+        service, Request(Op.REGISTER, public_key=bytes(SigningKey(os.urandom(32)).verify_key))
+    )
+    assert not reply.ok and reply.error.startswith("registering needs proof of work")
+
+    envelope = b"sealed"
+    free = ask(service, Request(Op.DEPOSIT, box, envelope=envelope))
+    assert not free.ok and free.error.startswith("a deposit without a token needs proof of work")
+    for_another = paid(service, box, b"another envelope")
+    stolen = Request(Op.DEPOSIT, box, envelope=envelope, work=for_another.work)
+    assert not ask(service, stolen).ok  # work pays for one envelope only
+    assert ask(service, paid(service, box, envelope)).ok
+
+    assert ask(service, Request(Op.DEPOSIT, box, envelope=b"by a contact", token=token_for(key))).ok
+    expired = token_for(key, expires_at=int(time.time()) - 1)
+    reply = ask(service, Request(Op.DEPOSIT, box, envelope=b"late", token=expired))
+    assert not reply.ok and reply.error == "deposit token refused: the deposit token has expired"
+    forged = token_for(SigningKey(os.urandom(32)))  # another owner's key
+    reply = ask(service, Request(Op.DEPOSIT, box, envelope=b"forged", token=forged))
+    assert not reply.ok and reply.error.startswith("deposit token refused")
+    tampered = bytearray(token_for(key))
+    tampered[-1] ^= 1
+    reply = ask(service, Request(Op.DEPOSIT, box, envelope=b"x", token=bytes(tampered)))
+    assert not reply.ok and reply.error == "deposit token refused"
+
+    add_prekeys(service, key, box, 5)
+    assert not ask(service, Request(Op.TAKE_PREKEY, box)).ok
+    once = take(service, box)
+    assert ask(service, once).prekey
+    replay = ask(service, once, peer="another")
+    assert not replay.ok and replay.error == "that proof of work was used already"
+    stale = Request(Op.TAKE_PREKEY, box, work=once.work, window=once.window - 5)
+    assert not ask(service, stale).ok
+    assert ask(service, take(service, box, token=token_for(key))).prekey
+    assert public  # the owner's key never had to be shown to a depositor
+
+
+def test_strangers_cannot_crowd_out_an_owners_contacts(tmp_path: Path):
+    limits = MailboxLimits(
+        quota_messages=100,
+        stranger_messages=3,
+        token_messages=4,
+        deposits_per_minute=1000,
+        work_discount=LIMITS.work_discount,
+    )
+    service = MailboxService(
+        MailboxStore(Database.create(tmp_path / "box", "pw", fast_kdf=True), limits), limits
+    )
+    key, box = register(service)
+    for i in range(3):
+        assert ask(service, paid(service, box, b"junk %d" % i)).ok
+    crowded = ask(service, paid(service, box, b"junk 3"))
+    assert (
+        crowded.error
+        == "the recipient's mailbox is full for deposits without a token; try again later"
+    )
+    alice, carol = token_for(key), token_for(key)
+    for i in range(4):
+        deposit = Request(Op.DEPOSIT, box, envelope=b"from alice %d" % i, token=alice)
+        assert ask(service, deposit).ok
+    over = ask(service, Request(Op.DEPOSIT, box, envelope=b"from alice 4", token=alice))
+    assert over.error == "the recipient's mailbox is full for this deposit token; try again later"
+    assert ask(service, Request(Op.DEPOSIT, box, envelope=b"from carol", token=carol)).ok
+
+
+def test_strangers_fill_at_most_half_of_the_mailbox(tmp_path: Path):
+    limits = MailboxLimits(
+        max_bytes=20_000, deposits_per_minute=1000, work_discount=LIMITS.work_discount
+    )
+    service = MailboxService(
+        MailboxStore(Database.create(tmp_path / "box", "pw", fast_kdf=True), limits), limits
+    )
+    owners = [register(service) for _ in range(3)]
+    stored = 0
+    for i in range(20):
+        _, box = owners[i % 3]
+        if ask(service, paid(service, box, os.urandom(1000))).ok:
+            stored += 1000
+    assert stored <= limits.max_bytes // 2
+    key, box = owners[0]
+    token = token_for(key)
+    contact = [
+        ask(service, Request(Op.DEPOSIT, box, envelope=os.urandom(1000), token=token))
+        for _ in range(12)
+    ]
+    assert sum(r.ok for r in contact) >= 9  # the other half is the contacts'
+    full = [r for r in contact if not r.ok]
+    assert all(r.error == "this mailbox is full; try again later" for r in full)
+
+
+def test_owners_are_capped_and_those_that_never_collect_expire(tmp_path: Path):
+    limits = MailboxLimits(
+        max_owners=3, owner_idle=10 * 24 * 3600, work_discount=LIMITS.work_discount
+    )
+    service = MailboxService(
+        MailboxStore(Database.create(tmp_path / "box", "pw", fast_kdf=True), limits), limits
+    )
+    owners = [register(service) for _ in range(3)]
+    bits = limits.work_bits(REGISTER_WORK_BITS)
+    late = register_request(SigningKey(os.urandom(32)), bits)
+    reply = ask(service, late)
+    assert reply.error == "this mailbox takes no new owners; choose another"
+    again = register_request(owners[0][0], bits)
+    assert ask(service, again).ok  # registering again is not a new owner
+    key, box = owners[0]
+    ask(service, paid(service, box, b"for the one who collects"))
+    ask(service, paid(service, owners[1][1], b"for one who never does"))
+    later = int(time.time()) + limits.owner_idle - 100
+    service.clock = lambda: later
+    assert ask(service, proven(service, key, Op.FETCH, box)).ok  # owner 0 collects
+    service.store.expire(later + 200)
+    remaining = {bytes(r[0]) for r in service.store.db.all("SELECT mailbox_id FROM mailbox_owners")}
+    assert remaining == {box}
+    assert service.store.db.one("SELECT count(*) FROM mailbox_items")[0] == 1
+    assert ask(service, late).ok  # room again
+
+
+def test_a_challenge_flood_keeps_nothing_and_locks_no_one_out(service):
+    key, box = register(service)
+    ask(service, paid(service, box, b"for the owner"))
+    for i in range(20_000):
+        victim = ask(service, Request(Op.CHALLENGE, box), peer=i)
+        assert victim.ok
+        if i % 1000 == 0:
+            nowhere = ask(service, Request(Op.CHALLENGE, os.urandom(16)), peer=i)
+            assert nowhere.error == "no such mailbox here"
+    assert len(service.challenges._spent) == 0  # challenges handed out are not remembered
+    items = ask(service, proven(service, key, Op.FETCH, box)).items
+    assert [i.envelope for i in items] == [b"for the owner"]
+    # a challenge for one mailbox is no good for another, nor once it is old
+    _, other = register(service)
+    nonce = ask(service, Request(Op.CHALLENGE, other)).nonce
+    signature = key.sign(proof_message(Op.FETCH, box, nonce)).signature
+    assert not ask(service, Request(Op.FETCH, box, nonce=nonce, signature=signature)).ok
+    old = ask(service, Request(Op.CHALLENGE, box)).nonce
+    service.clock = lambda: time.time() + LIMITS.challenge_ttl + 10
+    signature = key.sign(proof_message(Op.FETCH, box, old)).signature
+    assert not ask(service, Request(Op.FETCH, box, nonce=old, signature=signature)).ok
+
+
+def test_every_table_a_stranger_can_grow_is_bounded(service):
+    from pigeon.node.mailbox_service import MAX_KEYS
+
+    _, box = register(service)
+    for i in range(MAX_KEYS + 500):
+        ask(service, Request(Op.DEPOSIT, box, envelope=b"x"), peer=f"throwaway {i}")
+        service.peers.allow(f"throwaway {i}", time.time())
+    assert len(service.peers) <= MAX_KEYS
+    assert len(service.tokens) == 0 and len(service.work) == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.sampled_from(["stranger", "alice", "carol", "delete", "expire"]), max_size=30))
+def test_counters_always_match_what_is_stored(tmp_path_factory, actions):
+    limits = MailboxLimits(deposits_per_minute=10**6, work_discount=LIMITS.work_discount)
+    db = Database.create(tmp_path_factory.mktemp("counters") / "box", "pw", fast_kdf=True)
+    service = MailboxService(MailboxStore(db, limits), limits)
+    key, box = register(service)
+    tokens = {"alice": token_for(key), "carol": token_for(key)}
+    now = time.time()
+    for n, action in enumerate(actions):
+        envelope = os.urandom(50 + n)
+        if action == "stranger":
+            ask(service, paid(service, box, envelope, ttl=5 * (n % 3 + 1)))
+        elif action in tokens:
+            ask(service, Request(Op.DEPOSIT, box, envelope=envelope, token=tokens[action], ttl_s=5))
+        elif action == "delete":
+            items = ask(service, proven(service, key, Op.FETCH, box)).items[:2]
+            ask(service, proven(service, key, Op.DELETE, box, [i.item_id for i in items]))
+        else:
+            now += 6
+            service.store.expire(int(now))
+    owner = db.one("SELECT items, bytes FROM mailbox_owners WHERE mailbox_id = ?", (box,))
+    actual = db.one(
+        "SELECT count(*), coalesce(sum(size), 0) FROM mailbox_items WHERE mailbox_id = ?", (box,)
+    )
+    assert tuple(owner) == tuple(actual)
+    usage = {
+        bytes(r[0]): (r[1], r[2]) for r in db.all("SELECT source, items, bytes FROM mailbox_usage")
+    }
+    counted = {
+        bytes(r[0]): (r[1], r[2])
+        for r in db.all("SELECT source, count(*), sum(size) FROM mailbox_items GROUP BY source")
+    }
+    assert usage == counted
+    db.close()

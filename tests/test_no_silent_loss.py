@@ -16,6 +16,7 @@ import trio
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from daemons import FAST, PASSPHRASE, Daemon, mailbox_network, status, wait_for
+from helpers import deposit_token
 from pigeon.node.host import build_host, close_host
 from pigeon.node.mailbox import call
 from pigeon.node.storage import Database
@@ -216,8 +217,9 @@ def test_long_texts_left_with_mailboxes_all_arrive(net):
 
 
 def test_junk_deposits_do_not_block_a_pickup(net):
-    """Anyone may deposit: five anonymous 1 MiB deposits of junk in Bob's
-    mailboxes must not stop his genuine messages, and are deleted."""
+    """Five 1 MiB deposits of junk in Bob's mailboxes (from a hostile contact,
+    or a stranger who paid for them with work) must not stop his genuine
+    messages, and are deleted."""
     alice, bob = net["alice"], net["bob"]
     add(alice, bob)
     add(bob, alice)
@@ -233,6 +235,8 @@ def test_junk_deposits_do_not_block_a_pickup(net):
     from nacl.signing import SigningKey
 
     box = mailbox_id(bytes(SigningKey(seed).verify_key))
+    # a hostile contact of Bob's, holding the deposit token Bob gave it
+    token = deposit_token(SigningKey(seed))
     boxes = {n: net[n].address for n in ("box0", "box1", "box2")}
     bob.stop()
 
@@ -243,7 +247,8 @@ def test_junk_deposits_do_not_block_a_pickup(net):
                 for address in boxes.values():
                     info = info_from_p2p_addr(multiaddr.Multiaddr(address))
                     junk = [
-                        Request(Op.DEPOSIT, box, envelope=os.urandom(1 << 20)) for _ in range(5)
+                        Request(Op.DEPOSIT, box, envelope=os.urandom(1 << 20), token=token)
+                        for _ in range(5)
                     ]
                     replies = await call(host, info, junk)
                     assert all(r.ok for r in replies)

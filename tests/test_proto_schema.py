@@ -41,6 +41,7 @@ from pigeon.protocol import (
     FileOffer,
     IdentityKeyPair,
     IncomingMessage,
+    MailboxToken,
     OneTimePrekey,
     PrekeyBundle,
     Random,
@@ -72,6 +73,7 @@ from pigeon.protocol.frames import (
 )
 from pigeon.protocol.mailbox import (
     MAX_ITEMS,
+    DepositToken,
     Item,
     Op,
     Request,
@@ -267,6 +269,16 @@ OTK = OneTimePrekey.create(BOB, U32, rng("otk"))[0]
 CERT = DeviceCertificate.issue(ALICE, PEER_ID, NOW)
 DEVICE = Device(CERT, ("/ip4/192.0.2.7/tcp/4001", "/dns4/pigeon.example/udp/4001/quic-v1"))
 ENTRY = MailboxEntry(PEER_ID[::-1], BOX, ("/ip6/2001:db8::1/tcp/4002",))
+TOKEN = DepositToken.issue(MAILBOX_KEY.public_key, MAILBOX_KEY.sign, rng("token")(16), U64)
+
+
+def token_fields(token: DepositToken) -> dict[str, Any]:
+    return {
+        "mailbox_id": token.mailbox_id,
+        "token_id": token.token_id,
+        "expires_at": token.expires_at,
+        "signature": token.signature,
+    }
 
 
 @sample("SignedPrekey")
@@ -368,6 +380,11 @@ CONTENTS: dict[str, tuple[Content, int, Encoded | bytes]] = {
         Kind.SESSION_RESET,
         Encoded("SessionReset", {"reason": ResetReason.UNDECRYPTABLE, "failed": U32}),
     ),
+    "mailbox token": (
+        MailboxToken(TOKEN.encode()),
+        Kind.MAILBOX_TOKEN,
+        Encoded("MailboxToken", {"token": Encoded("DepositToken", token_fields(TOKEN))}),
+    ),
     # An open enum in the schema: protobuf keeps a kind it does not know, as we do.
     "unknown kind": (Unknown(0xFFFF, FUTURE_BODY), 0xFFFF, FUTURE_BODY),
 }
@@ -402,8 +419,8 @@ ITEM_IDS = tuple(rng(f"item{i}")(16) for i in range(3))
 PREKEYS = tuple(OneTimePrekey.create(BOB, i, rng(f"otk{i}"))[0] for i in (1, 2, 3))
 # One request per operation, with the fields the node sends for it.
 REQUESTS = {
-    Op.REGISTER: Request(Op.REGISTER, public_key=MAILBOX_KEY.public_key),
-    Op.DEPOSIT: Request(Op.DEPOSIT, BOX, envelope=ENVELOPES[1], ttl_s=U32),
+    Op.REGISTER: Request(Op.REGISTER, public_key=MAILBOX_KEY.public_key, work=rng("work")(8)),
+    Op.DEPOSIT: Request(Op.DEPOSIT, BOX, envelope=ENVELOPES[1], ttl_s=U32, token=TOKEN.encode()),
     Op.CHALLENGE: Request(Op.CHALLENGE, BOX),
     Op.FETCH: Request(
         Op.FETCH, BOX, nonce=NONCE, signature=proof(Op.FETCH, NONCE), limit=MAX_ITEMS
@@ -422,7 +439,7 @@ REQUESTS = {
         signature=proof(Op.ADD_PREKEYS, NONCE, tuple(p.encode() for p in PREKEYS)),
         prekeys=tuple(p.encode() for p in PREKEYS),
     ),
-    Op.TAKE_PREKEY: Request(Op.TAKE_PREKEY, BOX),
+    Op.TAKE_PREKEY: Request(Op.TAKE_PREKEY, BOX, work=rng("work2")(8), window=U32),
 }
 
 
@@ -442,6 +459,13 @@ def request_sample(op: Op) -> Callable[[Schema], Sample]:
             "prekeys": [
                 Encoded("OneTimePrekey", otk_fields(OneTimePrekey.decode(p))) for p in r.prekeys
             ],
+            "token": (
+                Encoded("DepositToken", token_fields(DepositToken.decode(r.token)))
+                if r.token
+                else b""
+            ),
+            "work": r.work,
+            "window": r.window,
         }
         return codec_sample("MailboxRequest", r, expected)
 
@@ -737,9 +761,21 @@ def test_device_certificate_signs_the_statement_in_the_schema(schema: Schema):
     assert ALICE.sign(DEVICE_CONTEXT + statement) == CERT.signature
 
 
-# Checked by test_device_certificate_signs_the_statement_in_the_schema, with
-# every field set: the codec writes it only under a signature.
-SIGNED_ONLY = {"DeviceCertificateStatement": {"identity_key", "peer_id", "issued_at"}}
+def test_a_deposit_token_signs_the_statement_in_the_schema(schema: Schema):
+    statement = build(
+        schema,
+        "DepositTokenStatement",
+        {"mailbox_id": TOKEN.mailbox_id, "token_id": TOKEN.token_id, "expires_at": U64},
+    ).SerializeToString(deterministic=True)
+    assert MAILBOX_KEY.sign(b"pigeon/deposit-token/v1\x00" + statement) == TOKEN.signature
+
+
+# Checked by the two tests above, with every field set: the codec writes
+# these only under a signature.
+SIGNED_ONLY = {
+    "DeviceCertificateStatement": {"identity_key", "peer_id", "issued_at"},
+    "DepositTokenStatement": {"mailbox_id", "token_id", "expires_at"},
+}
 
 
 def covered(schema: Schema, name: str, expected: dict[str, Any], seen: dict[str, set[str]]) -> None:

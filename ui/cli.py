@@ -255,7 +255,7 @@ def cmd_id(home: Path, args: argparse.Namespace) -> int:
 
 def cmd_daemon(home: Path, args: argparse.Namespace) -> int:
     from pigeon.node.daemon import run_daemon
-    from pigeon.node.mailbox import MailboxLimits
+    from pigeon.node.mailbox_store import MailboxLimits
     from pigeon.node.node import NodeConfig
 
     config = NodeConfig(
