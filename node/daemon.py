@@ -7,7 +7,7 @@ import fcntl
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,43 +54,104 @@ def contact_json(node: Node, contact: Contact) -> dict[str, Any]:
     }
 
 
-def _text(request: dict[str, Any], key: str, *, required: bool = True) -> str | None:
-    """A string argument of a control request, or a clear refusal."""
+# The arguments each command takes, besides "cmd".  A request carrying any
+# other key is refused, not served with the key ignored: a misspelt argument
+# ("contacts" for "contact", say) would otherwise change what a command does
+# (the whole inbox instead of one conversation) without a word.
+ARGUMENTS: dict[str, frozenset[str]] = {
+    "id": frozenset(),
+    "contacts.add": frozenset({"code", "alias"}),
+    "contacts.rename": frozenset({"contact", "alias"}),
+    "contacts.remove": frozenset({"contact"}),
+    "contacts.list": frozenset(),
+    "send": frozenset({"contact", "text"}),
+    "inbox": frozenset({"contact", "after"}),
+    "follow": frozenset({"contact", "after"}),
+    "read": frozenset({"contact"}),
+    "status": frozenset(),
+    "stop": frozenset(),
+}
+# Sequence numbers are SQLite rowids: 64-bit and signed.
+MAX_SEQUENCE = 2**63 - 1
+
+
+def _quoted(name: str) -> str:
+    """A name a client sent, short enough to quote in an error."""
+    return repr(name[:32]) + ("..." if len(name) > 32 else "")
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _command(request: dict[str, Any]) -> str:
+    """The request's command, once every key it carries is one the command takes."""
+    cmd = str(request["cmd"])
+    takes = ARGUMENTS.get(cmd)
+    if takes is None:
+        raise control.BadRequest(f"unknown command {_quoted(cmd)}")
+    for key in request:
+        if key != "cmd" and key not in takes:
+            listed = ", ".join(sorted(takes)) or "none"
+            raise control.BadRequest(f"{cmd} takes no argument {_quoted(key)} (it takes: {listed})")
+    return cmd
+
+
+def _optional_text(request: dict[str, Any], key: str) -> str | None:
+    """A string argument, or None when it is absent or null."""
     value = request.get(key)
-    if value is None and not required:
+    if value is None:
         return None
     if not isinstance(value, str):
-        raise PigeonError(f"bad request: {key!r} must be a string")
+        raise control.BadRequest(f"{key!r} must be a string, not {_json_type(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (\ud800, say) is valid JSON but not text: the
+        # database, a peer and a terminal would each fail on it later.
+        raise control.BadRequest(f"{key!r} is not valid text (a lone surrogate)") from None
+    return value
+
+
+def _text(request: dict[str, Any], key: str) -> str:
+    """A string argument the command needs."""
+    value = _optional_text(request, key)
+    if value is None:
+        raise control.BadRequest(f"{request['cmd']} needs {key!r} (a string)")
     return value
 
 
 def _number(request: dict[str, Any], key: str) -> int:
-    value = request.get(key, 0)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise PigeonError(f"bad request: {key!r} must be a whole number")
+    """A sequence number argument; 0 when it is absent or null."""
+    value = request.get(key)
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEQUENCE:
+        raise control.BadRequest(f"{key!r} must be a whole number from 0 to {MAX_SEQUENCE}")
     return value
 
 
-Reply = Callable[[dict[str, Any]], Awaitable[None]]
+Reply = control.Send
 
 
-def make_handler(
-    node: Node, stop: trio.Event
-) -> Callable[[dict[str, Any], Reply], Awaitable[dict[str, Any] | None]]:
+def make_handler(node: Node, stop: trio.Event) -> control.Handler:
     conv = node.conversations
     contacts = node.contacts
 
-    def find(request: dict[str, Any]) -> Contact:
-        return contacts.find(str(_text(request, "contact")))
-
-    def maybe_find(request: dict[str, Any]) -> bytes | None:
+    def maybe_find(name: str | None) -> bytes | None:
         """The identity key of the contact a request names, if it names one."""
-        name = _text(request, "contact", required=False)
         return None if not name else contacts.find(name).identity_key
 
-    async def follow(request: dict[str, Any], send: Reply) -> None:
-        key = maybe_find(request)
-        after = _number(request, "after")
+    async def follow(name: str | None, after: int, send: Reply) -> None:
+        key = maybe_find(name)
         await send({"ok": True})
         watched: dict[str, tuple[str, str | None]] = {}  # outgoing id -> (status, reason) sent
         while True:
@@ -116,7 +177,20 @@ def make_handler(
                 await node.wait_for_messages()
 
     async def handle(request: dict[str, Any], send: Reply) -> dict[str, Any] | None:
-        cmd = request["cmd"]
+        cmd = _command(request)
+        try:
+            return await dispatch(cmd, request, send)
+        except PigeonError:
+            raise
+        except Exception as error:
+            # A damaged page this request reached: the one line to show for it.
+            damage = node.db.damage(error)
+            if damage is not None:
+                raise damage from None
+            raise
+
+    async def dispatch(cmd: str, request: dict[str, Any], send: Reply) -> dict[str, Any] | None:
+        # Every argument is read (and so its shape checked) before anything is done.
         if cmd == "id":
             return {
                 "ok": True,
@@ -127,37 +201,39 @@ def make_handler(
                 "addresses": node.addresses,
             }
         if cmd == "contacts.add":
-            code = ContactCode.parse(str(_text(request, "code")))
-            contact, added = await node.add_contact(code, _text(request, "alias", required=False))
+            uri, alias = _text(request, "code"), _optional_text(request, "alias")
+            contact, added = await node.add_contact(ContactCode.parse(uri), alias)
             return {"ok": True, "added": added, "contact": contact_json(node, contact)}
         if cmd == "contacts.rename":
-            contact = contacts.rename(find(request), str(_text(request, "alias")))
+            name, alias = _text(request, "contact"), _text(request, "alias")
+            contact = contacts.rename(contacts.find(name), alias)
             return {"ok": True, "contact": contact_json(node, contact)}
         if cmd == "contacts.remove":
-            contact = find(request)
+            contact = contacts.find(_text(request, "contact"))
             removed = contacts.remove(contact)
             return {"ok": True, "label": contact.label, **removed}
         if cmd == "contacts.list":
             return {"ok": True, "contacts": [contact_json(node, c) for c in contacts.all()]}
         if cmd == "send":
-            app = node.send_text(find(request), str(_text(request, "text")))
+            name, text = _text(request, "contact"), _text(request, "text")
+            app = node.send_text(contacts.find(name), text)
             return {"ok": True, "id": app.message_id.hex()}
         if cmd == "inbox":
-            return {
-                "ok": True,
-                "messages": conv.inbox(maybe_find(request), _number(request, "after")),
-            }
+            which, after = _optional_text(request, "contact"), _number(request, "after")
+            return {"ok": True, "messages": conv.inbox(maybe_find(which), after)}
         if cmd == "follow":
-            await follow(request, send)
+            which, after = _optional_text(request, "contact"), _number(request, "after")
+            await follow(which, after, send)
             return None
         if cmd == "read":
-            return {"ok": True, "read": node.mark_read(find(request))}
+            return {"ok": True, "read": node.mark_read(contacts.find(_text(request, "contact")))}
         if cmd == "status":
             return {"ok": True, **node.status()}
         if cmd == "stop":
             stop.set()
             return {"ok": True}
-        raise PigeonError(f"unknown command {cmd!r}")
+        # A command in ARGUMENTS that nothing here serves: the daemon's own bug.
+        raise RuntimeError("command without a handler")
 
     return handle
 
