@@ -4,6 +4,20 @@ The validator is strict: a record must be signed by the identity whose ID the
 key names and must not be expired; ``select`` keeps the highest sequence.
 Lookups ask the network every time (py-libp2p answers from its local copy
 first, which may be stale) and keep the newest valid answer.
+
+``guard_dht`` puts limits around what py-libp2p's KadDHT serves to others.
+What the library lacks, and what is wrapped here: it serves at most 12 inbound
+streams at once in total, with no limit per peer and no deadline on a stream
+waiting for its next request, so one stranger holding 12 idle streams blinds a
+node's DHT; it reads a request of up to 4 MiB (a module constant, no option);
+and its value store keeps up to 50,000 records from anyone and then evicts the
+oldest, with no account of who stored what, so throwaway identities can fill
+it and push out genuine records.  We re-register the KAD protocol with a
+handler that limits streams per peer and in total, takes back the oldest
+stream when all are held, and gives each one a deadline, around the library's
+own per-stream loop; set the request limit to what our records need; and wrap
+the value store's ``put_record`` (called only for records peers PUT to us) to
+bound how many new keys each peer, and everyone together, can store.
 """
 
 from __future__ import annotations
@@ -12,23 +26,67 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
+from libp2p.kad_dht import kad_dht as kad_dht_module
+from libp2p.kad_dht.common import PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.kad_dht.pb.kademlia_pb2 import Record
+from libp2p.kad_dht.value_store import ValueStore
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.records.validator import Validator
 from multiaddr import Multiaddr
 
 from pigeon.protocol import DirectoryRecord, ProtocolError, dht_key
-from pigeon.protocol.records import DHT_NAMESPACE, newest
+from pigeon.protocol.records import DHT_NAMESPACE, MAX_RECORD_SIZE, newest
 
 from .contacts import ContactBook, is_current, short_id
+from .limits import REFUSALS, Handler, RefusalLog, Slots, StreamLimit, reset
 
 log = logging.getLogger("pigeon.directory")
 LOOKUP_TIMEOUT = 10.0
-REPUBLISH_EVERY = 30 * 60
+# Our record is published again this often, with a new sequence number, to the
+# peers closest to its key.  A peer that lost it (evicted, restarted, or new
+# among the closest) holds it again within this time, and a lookup meanwhile
+# still finds it at the others and at our own node.
+REPUBLISH_EVERY = 10 * 60
+
+DHT_PROTOCOL = PROTOCOL_ID  # the protocol guard_dht's handler serves
+
+# Inbound DHT streams at once.  py-libp2p opens one stream per request and
+# closes it after the answer, so a genuine stream lives milliseconds; 8 per
+# peer covers a peer's lookups, publishing and table refresh overlapping.  16
+# in all: the library caps its handlers at 12 to keep the one event loop
+# responsive, and ours spend most of their time waiting, not working.
+DHT_STREAMS = StreamLimit(per_peer=8, total=16)
+# A stream is reset this long after it opened: a client waits at most 10 s for
+# an answer (py-libp2p's QUERY_TIMEOUT), so a stream older than that serves no
+# one, and an idle one must not hold its place.
+DHT_STREAM_DEADLINE = 10.0
+# When all places are held, the oldest stream, if it is at least this old, is
+# reset to make room: genuine ones are long done by then.
+DHT_PREEMPT_AFTER = 1.0
+# Largest DHT request read (py-libp2p: 4 MiB).  The largest genuine one is a
+# PUT_VALUE carrying one of our records (at most MAX_RECORD_SIZE) and the
+# sender's signed peer record; everything else is smaller.
+DHT_MAX_REQUEST = 8 * MAX_RECORD_SIZE
+# New keys a peer may store with us.  A node PUTs its own record (one key) and
+# nothing else; 32 leaves room for several identities behind one peer.
+DHT_RECORDS_PER_PEER = 32
+# Records held in all (py-libp2p: 50,000, then the oldest is evicted).  At most
+# about 9 KiB each in memory, so 4,096 are about 36 MiB.  A node holds the
+# records whose keys are closest to it: about 20 x (users) / (nodes), far
+# fewer than this in a network where most users run a node.  When it is full,
+# new keys are refused and nothing is evicted: what was stored stays until it
+# expires (24 hours), and records already held are still updated.
+DHT_RECORDS_TOTAL = 4096
+
+# The peer whose DHT stream is being served, for the value store's guard: the
+# library's handler calls ``put_record`` in the stream's own task.
+_storing_peer: ContextVar[ID | None] = ContextVar("storing_peer", default=None)
 
 
 def _key_id(key: str) -> bytes:
@@ -108,9 +166,133 @@ async def lookup(dht: KadDHT, identity_key: bytes) -> list[bytes]:
     return found
 
 
+class RecordQuota:
+    """Bounds the new keys each peer, and everyone together, store in a
+    py-libp2p value store through PUT_VALUE.
+
+    A key counts against the peer that first stored it, until it leaves the
+    store (expired); a newer record for a key already held replaces it and
+    costs nothing, since it takes no more room.
+    """
+
+    def __init__(
+        self,
+        store: ValueStore,
+        per_peer: int = DHT_RECORDS_PER_PEER,
+        total: int = DHT_RECORDS_TOTAL,
+        refusals: RefusalLog = REFUSALS,
+    ) -> None:
+        self.store = store
+        self.per_peer = per_peer
+        self.total = total
+        self.refusals = refusals
+        self._keys: dict[ID, set[bytes]] = {}
+        self._owner: dict[bytes, ID] = {}
+        self._swept = -float("inf")
+
+    def install(self) -> None:
+        """Check every record a peer PUTs before the store takes it."""
+        put_record = self.store.put_record
+
+        def guarded_put_record(key: bytes, record: Record) -> None:
+            peer = _storing_peer.get()
+            if peer is not None:  # None: not from a peer's PUT (our own lookups)
+                self.admit(peer, key)
+            put_record(key, record)
+
+        self.store.put_record = guarded_put_record  # type: ignore[method-assign]
+
+    def admit(self, peer: ID, key: bytes) -> None:
+        """Raise ValueError (the library then resets the stream) when ``peer``
+        may not store ``key`` now; otherwise count it."""
+        held = self.store.store
+        if key in held:
+            return
+        keys = self._keys[peer] = {k for k in self._keys.get(peer, ()) if k in held}
+        if len(keys) >= self.per_peer:
+            self._refuse(peer, f"it stored {len(keys)} records (limit {self.per_peer})")
+        if len(held) >= self.total:
+            self._sweep()
+        if len(held) >= self.total:
+            self._refuse(peer, f"the store holds {len(held)} records (limit {self.total})")
+        previous = self._owner.get(key)
+        if previous is not None and previous in self._keys:
+            self._keys[previous].discard(key)
+        self._owner[key] = peer
+        keys.add(key)
+        if len(self._owner) > 2 * self.total:
+            self._sweep()
+
+    def _refuse(self, peer: ID, why: str) -> None:
+        self.refusals.refused(peer, "peer=%s DHT record refused: %s", peer, why)
+        raise ValueError(f"record refused: {why}")
+
+    def _sweep(self) -> None:
+        """Forget keys that left the store, and expired records (at most once a
+        minute: it walks the whole store)."""
+        now = time.monotonic()
+        if now - self._swept < 60:
+            return
+        self._swept = now
+        self.store.cleanup_expired()
+        held = self.store.store
+        self._owner = {k: p for k, p in self._owner.items() if k in held}
+        self._keys = {}
+        for key, peer in self._owner.items():
+            self._keys.setdefault(peer, set()).add(key)
+
+
+def guard_dht(dht: KadDHT, refusals: RefusalLog = REFUSALS) -> Handler:
+    """Limit what ``dht`` serves to other peers (see the module's docstring);
+    returns the handler to register for ``DHT_PROTOCOL`` in place of the
+    library's own."""
+    # These lean on two of the library's internals; a version without them
+    # must fail here, at start, not leave the DHT unguarded.
+    if not hasattr(kad_dht_module, "MAX_DHT_MESSAGE_SIZE") or not hasattr(
+        dht, "_do_handle_stream"
+    ):
+        raise RuntimeError("this py-libp2p's KadDHT has changed: the DHT cannot be guarded")
+    # The library's handler reads this module global at each request.
+    kad_dht_module.MAX_DHT_MESSAGE_SIZE = DHT_MAX_REQUEST  # type: ignore[attr-defined]
+    RecordQuota(dht.value_store, refusals=refusals).install()
+    slots: Slots[ID] = Slots(
+        DHT_STREAMS.per_peer, DHT_STREAMS.total, preempt_after=DHT_PREEMPT_AFTER
+    )
+
+    async def handle_dht_stream(stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id
+        slot = slots.take(peer)
+        if slot is None:
+            refusals.refused(
+                peer,
+                "peer=%s DHT stream refused: %d of its own open (limit %d), %d in all (limit %d)",
+                peer,
+                slots.held(peer),
+                slots.per_key,
+                slots.in_use,
+                slots.total,
+            )
+            await reset(stream)
+            return
+        storing = _storing_peer.set(peer)
+        try:
+            slot.cancel_scope.deadline = trio.current_time() + DHT_STREAM_DEADLINE
+            with slot, slot.cancel_scope:
+                # The library's per-stream loop, without its own admission
+                # (12 in all, nothing per peer): ours above replaces it.
+                await dht._do_handle_stream(stream)
+        finally:
+            _storing_peer.reset(storing)
+        if slot.cancel_scope.cancelled_caught:
+            await reset(stream)
+
+    return handle_dht_stream
+
+
 class Directory:
-    """Our record in the DHT (published at start, when asked, and every 30
-    minutes) and our contacts' records (looked up on demand, newest kept)."""
+    """Our record in the DHT (published at start, when asked, and every
+    ``REPUBLISH_EVERY``) and our contacts' records (looked up on demand,
+    newest kept)."""
 
     def __init__(
         self,

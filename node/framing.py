@@ -12,6 +12,8 @@ from libp2p.abc import INetStream
 from pigeon.protocol import ProtocolError
 from pigeon.protocol.wire import encode_varint
 
+from .limits import REFUSALS, SMALL_FRAME, OverBudget, budget_of
+
 log = logging.getLogger("pigeon.node")
 
 FRAME_TIMEOUT = 30.0
@@ -57,7 +59,14 @@ async def read_frame(stream: INetStream, max_size: int, timeout: float = FRAME_T
             raise ProtocolError("frame length is malformed")
         if length > max_size:
             raise ProtocolError(f"frame of {length} bytes is over the {max_size}-byte limit")
-        return await _read_exactly(stream, length)
+        # A large frame reserves its declared length before its body is read,
+        # so that what peers declare, not what they send, is what is bounded
+        # (see limits.py); smaller ones are bounded by the stream limits.
+        budget = budget_of(stream) if length > SMALL_FRAME else None
+        if budget is None:
+            return await _read_exactly(stream, length)
+        async with budget.reserve(length):
+            return await _read_exactly(stream, length)
 
 
 def frame(payload: bytes) -> bytes:
@@ -78,10 +87,12 @@ async def serve_frames(
             except StreamClosed:
                 return
             await stream.write(frame(answer(data)))
+    except OverBudget as error:
+        REFUSALS.refused(peer, "peer=%s %s frame refused: %s", peer, protocol, error)
     except ProtocolError as error:
-        log.warning("peer=%s sent a bad %s frame: %s", peer, protocol, error)
+        REFUSALS.refused(peer, "peer=%s sent a bad %s frame: %s", peer, protocol, error)
     except trio.TooSlowError:
-        log.info("peer=%s %s stream idle, closed", peer, protocol)
+        REFUSALS.refused(peer, "peer=%s %s stream idle, closed", peer, protocol)
     except Exception as error:
         log.info("peer=%s %s stream ended: %s", peer, protocol, type(error).__name__)
     finally:

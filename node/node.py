@@ -48,8 +48,16 @@ from pigeon.protocol.records import Device, MailboxEntry
 from .contacts import Contact
 from .conversations import Accepted, Conversations
 from .delivery import ENVELOPE_PROTOCOL, Courier, EnvelopeService
-from .directory import Directory, make_dht_validator
+from .directory import DHT_PROTOCOL, Directory, guard_dht, make_dht_validator
 from .host import build_host, check_listening, close_host
+from .limits import (
+    ENVELOPE_STREAMS,
+    MAILBOX_STREAMS,
+    NOTIFY_STREAMS,
+    PRESENCE_STREAMS,
+    REFUSALS,
+    Admission,
+)
 from .mailbox import MAILBOX_PROTOCOL, NOTIFY_PROTOCOL, MailboxPeer
 from .mailbox_owner import MailboxOwner
 from .mailbox_store import MailboxLimits, MailboxStore
@@ -91,6 +99,8 @@ class Node:
         self.host: IHost = build_host(conv.device_seed, config.listen)
         self.dht = KadDHT(self.host, DHTMode.SERVER, strict_validation=True)
         make_dht_validator(self.dht, clock)
+        # Before the host runs, so that no stream reaches the library's own handler.
+        self.host.set_stream_handler(DHT_PROTOCOL, self._guarded(guard_dht(self.dht)))
         self.started = clock()
         self.stats = {"received": 0, "sent": 0, "refused": 0, "deposited": 0}
         self._nursery: trio.Nursery | None = None
@@ -147,14 +157,23 @@ class Node:
             await stack.enter_async_context(background_trio_service(self.dht))
             stack.push_async_callback(close_host, self.host)
             handlers = {
-                ENVELOPE_PROTOCOL: self.envelopes.handle,
-                PRESENCE_PROTOCOL: self.presence.handle,
-                NOTIFY_PROTOCOL: self.owner.handle_notice,
+                ENVELOPE_PROTOCOL: (self.envelopes.handle, ENVELOPE_STREAMS),
+                PRESENCE_PROTOCOL: (self.presence.handle, PRESENCE_STREAMS),
+                NOTIFY_PROTOCOL: (self.owner.handle_notice, NOTIFY_STREAMS),
             }
             if self.mailbox is not None:
-                handlers[MAILBOX_PROTOCOL] = self.mailbox.service.handle
-            for protocol, handler in handlers.items():
-                self.host.set_stream_handler(protocol, self._guarded(handler))
+                handlers[MAILBOX_PROTOCOL] = (self.mailbox.service.handle, MAILBOX_STREAMS)
+            # Contacts' devices and our mailboxes are counted apart from
+            # strangers, whose identities cost nothing (limits.py).
+            admission = Admission(
+                lambda peer: (
+                    self.contacts.for_peer(peer.to_bytes()) is not None
+                    or self.owner.is_mailbox(peer)
+                )
+            )
+            for protocol, (handler, limit) in handlers.items():
+                guarded = self._guarded(admission.guard(protocol, limit, handler))
+                self.host.set_stream_handler(protocol, guarded)
             nursery = await stack.enter_async_context(trio.open_nursery())
             self._nursery = nursery
             self.host.get_network().register_notifee(_Connections(self))
@@ -310,7 +329,7 @@ class Node:
         for result in self.conversations.accept_envelopes(envelopes):
             if isinstance(result, PigeonError):
                 self.stats["refused"] += 1
-                log.info("peer=%s envelope refused: %s", peer, type(result).__name__)
+                REFUSALS.refused(peer, "peer=%s envelope refused", peer)
                 statuses.append(AckStatus.REFUSED)
             elif result.app is None:
                 statuses.append(AckStatus.DUPLICATE)

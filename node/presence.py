@@ -17,6 +17,7 @@ from libp2p.peer.id import ID
 from pigeon.protocol.frames import MAX_PRESENCE_FRAME, Presence
 
 from .framing import frame, read_frame
+from .limits import REFUSALS
 
 log = logging.getLogger("pigeon.presence")
 
@@ -78,7 +79,9 @@ class PresenceService:
             # answer with our own presence, to contacts only
             await stream.write(frame(Presence(key is not None and self.announce).encode()))
         except Exception as error:
-            log.info("peer=%s sent a bad presence frame: %s", peer, type(error).__name__)
+            REFUSALS.refused(
+                peer, "peer=%s sent a bad presence frame: %s", peer, type(error).__name__
+            )
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await stream.close()
