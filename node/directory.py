@@ -248,12 +248,10 @@ def guard_dht(dht: KadDHT, refusals: RefusalLog = REFUSALS) -> Handler:
     library's own."""
     # These lean on two of the library's internals; a version without them
     # must fail here, at start, not leave the DHT unguarded.
-    if not hasattr(kad_dht_module, "MAX_DHT_MESSAGE_SIZE") or not hasattr(
-        dht, "_do_handle_stream"
-    ):
+    if not hasattr(kad_dht_module, "MAX_DHT_MESSAGE_SIZE") or not hasattr(dht, "_do_handle_stream"):
         raise RuntimeError("this py-libp2p's KadDHT has changed: the DHT cannot be guarded")
     # The library's handler reads this module global at each request.
-    kad_dht_module.MAX_DHT_MESSAGE_SIZE = DHT_MAX_REQUEST  # type: ignore[attr-defined]
+    kad_dht_module.MAX_DHT_MESSAGE_SIZE = DHT_MAX_REQUEST
     RecordQuota(dht.value_store, refusals=refusals).install()
     slots: Slots[ID] = Slots(
         DHT_STREAMS.per_peer, DHT_STREAMS.total, preempt_after=DHT_PREEMPT_AFTER
