@@ -22,6 +22,7 @@ from .keys import IdentityKeyPair, identity_id
 from .messages import (
     MAX_TEXT_BYTES,
     AppMessage,
+    ByeReason,
     Content,
     FileOffer,
     MailboxToken,
@@ -34,6 +35,7 @@ from .messages import (
     Unknown,
     WebRTCSignal,
     check_text,
+    fit_reason,
 )
 from .ratchet import CLASSIC, PIGEON, RatchetConfig, RatchetState
 from .records import (
@@ -52,6 +54,7 @@ __all__ = [
     "MAX_TEXT_BYTES",
     "PIGEON",
     "AppMessage",
+    "ByeReason",
     "ContactCode",
     "Content",
     "DecryptError",
@@ -85,6 +88,7 @@ __all__ = [
     "check_text",
     "compare_scannable",
     "dht_key",
+    "fit_reason",
     "format_safety_number",
     "identity_id",
     "open_envelope",

@@ -23,7 +23,12 @@ MESSAGE_ID_SIZE = 16
 # 64 KiB envelope bucket (tests check it), not the next one at 256 KiB.
 MAX_TEXT_BYTES = 65_000
 MAX_RECEIPT_IDS = 1000
-MAX_SIGNAL_BYTES = 64 * 1024
+MAX_SIGNAL_BYTES = 64 * 1024  # an SDP offer or answer
+MAX_REASON_BYTES = 200  # a one-line reason shown to a person
+TRANSFER_ID_SIZE = 16
+FILE_KEY_SIZE = 32
+FILE_HASH_SIZE = 32
+MAX_FILE_URI_BYTES = 4096
 
 
 def check_text(text: str) -> None:
@@ -58,11 +63,42 @@ class ResetReason(IntEnum):
     UNDECRYPTABLE = 1  # envelopes from you arrived that no session of mine can read
 
 
+def fit_reason(text: str) -> str:
+    """Any text (an exception's message, say) made into a reason a peer
+    accepts: what is not printable becomes a space and it is cut to
+    MAX_REASON_BYTES of UTF-8 on a character boundary."""
+    line = "".join(ch if ch.isprintable() else " " for ch in text)  # lone surrogates too
+    return line.encode("utf-8")[:MAX_REASON_BYTES].decode("utf-8", errors="ignore")
+
+
+def _utf8_size(text: str) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ProtocolError("text is not valid Unicode (a lone surrogate)") from None
+
+
+def check_reason(text: str) -> None:
+    """Refuse a reason that is not one printable line of at most MAX_REASON_BYTES."""
+    if not text.isprintable() or _utf8_size(text) > MAX_REASON_BYTES:
+        raise ProtocolError(
+            f"a reason must be one printable line of at most {MAX_REASON_BYTES} bytes"
+        )
+
+
 class SignalType(IntEnum):
     OFFER = 1
     ANSWER = 2
-    CANDIDATE = 3
+    # 3 was "candidate": candidates are not trickled (aiortc gathers them all
+    # before it writes the SDP), so the number stays unused.
     BYE = 4
+
+
+class ByeReason(IntEnum):
+    DONE = 1  # the receiver has the whole file
+    CANCELLED = 2
+    REFUSED = 3  # the receiver declined the offer, or the sender will not serve it
+    FAILED = 4  # the transfer cannot go on; ``text`` says why
 
 
 @dataclass(frozen=True)
@@ -76,18 +112,61 @@ class Receipt:
     message_ids: tuple[bytes, ...]
 
 
+def _check_size(value: bytes, size: int, what: str) -> None:
+    if not isinstance(value, bytes) or len(value) != size:
+        raise ProtocolError(f"{what} must be {size} bytes")
+
+
 @dataclass(frozen=True)
 class FileOffer:
+    """An offer to send a file: the pigeon-file URI that names it exactly
+    (root, size, chunk size, name), the key its chunks are encrypted with, and
+    the SHA-256 of its plaintext for people to compare.  The URI is parsed by
+    the transfer layer (pigeon.transfer.reference); here only its size is
+    checked, as protocol does not depend on transfer.  Constructing an offer
+    the wire cannot carry raises ProtocolError."""
+
+    transfer_id: bytes
     uri: str
-    name: str
-    size: int
+    key: bytes
+    sha256: bytes
+
+    def __post_init__(self) -> None:
+        _check_size(self.transfer_id, TRANSFER_ID_SIZE, "a transfer ID")
+        if not self.uri or _utf8_size(self.uri) > MAX_FILE_URI_BYTES:
+            raise ProtocolError(f"a file URI must be 1 to {MAX_FILE_URI_BYTES} bytes")
+        _check_size(self.key, FILE_KEY_SIZE, "a file key")
+        _check_size(self.sha256, FILE_HASH_SIZE, "a file's SHA-256")
 
 
 @dataclass(frozen=True)
 class WebRTCSignal:
+    """Signalling for one transfer's WebRTC connection, inside the ratchet (so
+    the SDPs, and the DTLS fingerprints in them, are authenticated).
+
+    An OFFER or ANSWER carries its SDP as ``payload`` and nothing else; a BYE
+    carries a ``reason`` and may carry ``text``, a one-line reason for the
+    user.  Constructing a signal that breaks these rules raises ProtocolError.
+    """
+
     transfer_id: bytes
     signal_type: SignalType
-    payload: str
+    payload: str = ""
+    reason: ByeReason | None = None
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        _check_size(self.transfer_id, TRANSFER_ID_SIZE, "a transfer ID")
+        if self.signal_type not in (SignalType.OFFER, SignalType.ANSWER, SignalType.BYE):
+            raise ProtocolError("unknown signal type")
+        if self.signal_type == SignalType.BYE:
+            if self.reason is None or self.payload:
+                raise ProtocolError("a bye carries a reason and no SDP")
+            check_reason(self.text)
+        elif not self.payload or self.reason is not None or self.text:
+            raise ProtocolError("an offer or answer carries an SDP and nothing else")
+        elif _utf8_size(self.payload) > MAX_SIGNAL_BYTES:
+            raise ProtocolError(f"an SDP must be at most {MAX_SIGNAL_BYTES} bytes")
 
 
 @dataclass(frozen=True)
@@ -127,7 +206,13 @@ def _encode_content(content: Content) -> tuple[int, bytes]:
         w = Writer().uint(1, content.receipt_type).repeated_bytes(2, content.message_ids)
         return Kind.RECEIPT, w.finish()
     if isinstance(content, FileOffer):
-        w = Writer().text(1, content.uri).text(2, content.name).uint(3, content.size)
+        w = (
+            Writer()
+            .bytes_(1, content.transfer_id)
+            .text(2, content.uri)
+            .bytes_(3, content.key)
+            .bytes_(4, content.sha256)
+        )
         return Kind.FILE_OFFER, w.finish()
     if isinstance(content, WebRTCSignal):
         w = (
@@ -135,6 +220,8 @@ def _encode_content(content: Content) -> tuple[int, bytes]:
             .bytes_(1, content.transfer_id)
             .uint(2, content.signal_type)
             .text(3, content.payload)
+            .uint(4, content.reason or 0)
+            .text(5, content.text)
         )
         return Kind.WEBRTC_SIGNAL, w.finish()
     if isinstance(content, SessionReset):
@@ -144,7 +231,9 @@ def _encode_content(content: Content) -> tuple[int, bytes]:
     return content.kind, content.body
 
 
-def _enum(cls: type[ReceiptType] | type[SignalType] | type[ResetReason], value: int) -> int:
+def _enum(
+    cls: type[ReceiptType] | type[SignalType] | type[ByeReason] | type[ResetReason], value: int
+) -> int:
     try:
         return cls(value)
     except ValueError:
@@ -162,13 +251,21 @@ def _decode_content(kind: int, body: bytes) -> Content:
         return Receipt(ReceiptType(_enum(ReceiptType, f.uint(1, default=None))), tuple(ids))
     if kind == Kind.FILE_OFFER:
         f = Fields(body)
-        return FileOffer(f.text(1, max_size=4096), f.text(2, max_size=1024), f.uint(3))
+        return FileOffer(
+            f.bytes_(1, size=TRANSFER_ID_SIZE),
+            f.text(2, max_size=MAX_FILE_URI_BYTES),
+            f.bytes_(3, size=FILE_KEY_SIZE),
+            f.bytes_(4, size=FILE_HASH_SIZE),
+        )
     if kind == Kind.WEBRTC_SIGNAL:
         f = Fields(body)
+        reason = f.uint(4, maximum=0xFF)
         return WebRTCSignal(
-            f.bytes_(1, size=MESSAGE_ID_SIZE),
+            f.bytes_(1, size=TRANSFER_ID_SIZE),
             SignalType(_enum(SignalType, f.uint(2, default=None))),
             f.text(3, required=False, max_size=MAX_SIGNAL_BYTES),
+            ByeReason(_enum(ByeReason, reason)) if reason else None,
+            f.text(5, required=False, max_size=MAX_REASON_BYTES),
         )
     if kind == Kind.SESSION_RESET:
         f = Fields(body)

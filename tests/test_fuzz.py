@@ -38,6 +38,7 @@ from pigeon.protocol import (
     CLASSIC,
     PIGEON,
     AppMessage,
+    ByeReason,
     ContactCode,
     Content,
     DecryptError,
@@ -390,15 +391,21 @@ def _build_samples() -> dict[str, Sample]:
         ),
         "app message, file offer": Sample(
             AppMessage.decode,
-            _app(FileOffer("pigeon-file://abc", "photo.jpg", 12345)),
+            _app(FileOffer(b"t" * 16, "pigeon-file:?v=1", b"k" * 32, b"h" * 32)),
             None,
-            "a file offer's body holds its required URI, so no prefix is valid",
+            "a file offer's body ends with its required SHA-256, so no prefix is valid",
         ),
         "app message, WebRTC signal": Sample(
             AppMessage.decode,
             _app(WebRTCSignal(b"t" * 16, SignalType.OFFER, "v=0")),
             None,
-            "a signal's body holds its required transfer ID, so no prefix is valid",
+            "an offer's body ends with its required SDP, so no prefix is valid",
+        ),
+        "app message, WebRTC bye": Sample(
+            AppMessage.decode,
+            _app(WebRTCSignal(b"t" * 16, SignalType.BYE, reason=ByeReason.FAILED, text="disk")),
+            None,
+            "the body is the last field; cut, it is refused, and absent, it lacks the transfer ID",
         ),
         "app message, unknown kind": Sample(
             AppMessage.decode, unknown, field_end(unknown, 2), "an unknown kind keeps any body"

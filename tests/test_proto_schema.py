@@ -34,6 +34,7 @@ from pigeon.protocol import (
     CLASSIC,
     PIGEON,
     AppMessage,
+    ByeReason,
     Content,
     Device,
     DeviceCertificate,
@@ -83,6 +84,8 @@ from pigeon.protocol.mailbox import (
 )
 from pigeon.protocol.messages import Kind
 from pigeon.protocol.records import MailboxEntry
+from pigeon.transfer import wire as transfer_wire
+from pigeon.transfer.manifest import MAX_CHUNKS, MAX_HASHES_PER_PAGE
 
 PROTO = Path(__file__).resolve().parent.parent / "docs" / "protocol" / "pigeon.proto"
 PACKAGE = "pigeon.v1"
@@ -351,7 +354,12 @@ def _(schema: Schema) -> Sample:
 TEXT = "Hello, Pigeon! Привет 🕊"
 RECEIPT_IDS = tuple(rng(f"receipt{i}")(16) for i in range(3))
 TRANSFER_ID = rng("transfer")(16)
-SIGNAL = "candidate:1 1 udp 2122260223 192.0.2.7 4001 typ host"
+SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\na=fingerprint:sha-256 AB:CD\r\n"
+FILE_URI = (
+    "pigeon-file:?v=1&root=" + "ab" * 32 + "&size=5&chunk=131072&name=photo%20%F0%9F%90%A6.jpg"
+)
+FILE_KEY = rng("file key")(32)
+FILE_SHA256 = rng("file sha256")(32)
 FUTURE_BODY = b"\x08\x01 from a newer version"
 CONTENTS: dict[str, tuple[Content, int, Encoded | bytes]] = {
     "text": (Text(TEXT), Kind.TEXT, Encoded("Text", {"text": TEXT})),
@@ -361,18 +369,37 @@ CONTENTS: dict[str, tuple[Content, int, Encoded | bytes]] = {
         Encoded("Receipt", {"type": ReceiptType.READ, "message_ids": list(RECEIPT_IDS)}),
     ),
     "file offer": (
-        FileOffer("pigeon-transfer:0f1e2d", "photo 🐦.jpg", U64),
+        FileOffer(TRANSFER_ID, FILE_URI, FILE_KEY, FILE_SHA256),
         Kind.FILE_OFFER,
         Encoded(
-            "FileOffer", {"uri": "pigeon-transfer:0f1e2d", "name": "photo 🐦.jpg", "size": U64}
+            "FileOffer",
+            {
+                "transfer_id": TRANSFER_ID,
+                "uri": FILE_URI,
+                "key": FILE_KEY,
+                "sha256": FILE_SHA256,
+            },
         ),
     ),
     "webrtc signal": (
-        WebRTCSignal(TRANSFER_ID, SignalType.CANDIDATE, SIGNAL),
+        WebRTCSignal(TRANSFER_ID, SignalType.ANSWER, SDP),
         Kind.WEBRTC_SIGNAL,
         Encoded(
             "WebRTCSignal",
-            {"transfer_id": TRANSFER_ID, "type": SignalType.CANDIDATE, "payload": SIGNAL},
+            {"transfer_id": TRANSFER_ID, "type": SignalType.ANSWER, "payload": SDP},
+        ),
+    ),
+    "webrtc bye": (
+        WebRTCSignal(TRANSFER_ID, SignalType.BYE, reason=ByeReason.FAILED, text="disk full 💾"),
+        Kind.WEBRTC_SIGNAL,
+        Encoded(
+            "WebRTCSignal",
+            {
+                "transfer_id": TRANSFER_ID,
+                "type": SignalType.BYE,
+                "reason": ByeReason.FAILED,
+                "text": "disk full 💾",
+            },
         ),
     ),
     "session reset": (
@@ -550,6 +577,49 @@ def _(schema: Schema) -> Sample:
 @sample("MailboxNotice")
 def _(schema: Schema) -> Sample:
     return codec_sample("MailboxNotice", MailboxNotice(BOX), {"mailbox_id": BOX})
+
+
+# -- file transfer: the data-channel messages ------------------------------------
+
+LEAVES = tuple(rng(f"leaf{i}")(32) for i in range(MAX_HASHES_PER_PAGE))
+# One message of each protobuf-bodied type, with every field set and wide values.
+TRANSFER_MESSAGES: dict[str, tuple[transfer_wire.Message, dict[str, Any]]] = {
+    "TransferHello": (transfer_wire.Hello(TRANSFER_ID), {"transfer_id": TRANSFER_ID, "version": 1}),
+    "TransferWantHashes": (
+        transfer_wire.WantHashes(MAX_CHUNKS - MAX_HASHES_PER_PAGE, MAX_HASHES_PER_PAGE),
+        {"start": MAX_CHUNKS - MAX_HASHES_PER_PAGE, "count": MAX_HASHES_PER_PAGE},
+    ),
+    "TransferHashes": (
+        transfer_wire.Hashes(MAX_CHUNKS - len(LEAVES), LEAVES),
+        {"start": MAX_CHUNKS - len(LEAVES), "hashes": b"".join(LEAVES)},
+    ),
+    "TransferWant": (
+        transfer_wire.Want(MAX_CHUNKS - transfer_wire.MAX_WANT, transfer_wire.MAX_WANT),
+        {"start": MAX_CHUNKS - transfer_wire.MAX_WANT, "count": transfer_wire.MAX_WANT},
+    ),
+    "TransferPing": (transfer_wire.Ping(U64), {"sequence": U64}),
+    "TransferDone": (transfer_wire.Done(), {}),
+    "TransferError": (
+        transfer_wire.Error(transfer_wire.ErrorCode.FILE_CHANGED, "it changed ✂"),
+        {"code": transfer_wire.ErrorCode.FILE_CHANGED, "text": "it changed ✂"},
+    ),
+}
+
+
+def transfer_sample(name: str) -> Callable[[Schema], Sample]:
+    def make(schema: Schema) -> Sample:
+        message, expected = TRANSFER_MESSAGES[name]
+        data = message.encode()
+        kind = data[:1]  # the type byte before the protobuf body
+        return Sample(
+            name, data[1:], expected, lambda body: transfer_wire.decode(kind + body), message
+        )
+
+    return make
+
+
+for _name in TRANSFER_MESSAGES:
+    sample(_name)(transfer_sample(_name))
 
 
 # -- sessions and ratchet states ----------------------------------------------
@@ -835,6 +905,8 @@ def test_the_schema_uses_only_wire_types_the_codec_reads(schema: Schema):
         ("AppMessage.Kind", Kind),
         ("Receipt.Type", ReceiptType),
         ("WebRTCSignal.Type", SignalType),
+        ("WebRTCSignal.Reason", ByeReason),
+        ("TransferError.Code", transfer_wire.ErrorCode),
         ("SessionReset.Reason", ResetReason),
         ("MailboxRequest.Op", Op),
         ("AckEntry.Status", AckStatus),

@@ -10,6 +10,7 @@ from pigeon.protocol import (
     CLASSIC,
     PIGEON,
     AppMessage,
+    ByeReason,
     ContactCode,
     DecryptError,
     DeviceCertificate,
@@ -212,8 +213,9 @@ def test_envelopes_of_similar_sizes_are_indistinguishable_by_length():
         Text("hello 👋"),
         Text(""),
         Receipt(ReceiptType.READ, (b"a" * 16, b"b" * 16)),
-        FileOffer("pigeon-file:abc", "photo.jpg", 123456),
+        FileOffer(b"t" * 16, "pigeon-file:?v=1&root=ab", b"k" * 32, b"h" * 32),
         WebRTCSignal(b"t" * 16, SignalType.OFFER, "v=0\r\n..."),
+        WebRTCSignal(b"t" * 16, SignalType.BYE, reason=ByeReason.FAILED, text="disk full"),
     ],
 )
 def test_app_message_round_trip(content):
