@@ -259,6 +259,7 @@ class ContactBook:
                 ("pending_out", "contact"),
                 ("sessions", "identity_key"),
                 ("contact_devices", "identity_key"),
+                ("transfers", "contact"),
                 ("contacts", "identity_key"),
             ):
                 self.db.execute(f"DELETE FROM {table} WHERE {column} = ?", (key,))

@@ -33,6 +33,7 @@ from pigeon.protocol import (
     Content,
     DecryptError,
     DirectoryRecord,
+    FileOffer,
     IdentityKeyPair,
     IncomingMessage,
     MailboxToken,
@@ -45,12 +46,14 @@ from pigeon.protocol import (
     Session,
     SessionReset,
     Text,
+    WebRTCSignal,
     check_text,
     open_envelope,
     seal,
 )
 from pigeon.protocol.frames import digest
 from pigeon.protocol.mailbox import DepositToken
+from pigeon.protocol.messages import SignalType
 
 from .contacts import ContactBook, UnknownContact, short_id
 from .prekeys import Prekeys
@@ -60,10 +63,17 @@ log = logging.getLogger("pigeon.conversations")
 
 Clock = Callable[[], float]
 
-# Kinds the contact must confirm; they are sent again in a new session until
-# confirmed (texts are also shown in the conversation).  File offers join
-# when they land.
-DURABLE: tuple[type, ...] = (Text, MailboxToken)
+
+def is_durable(content: Content) -> bool:
+    """Whether the contact must confirm it: durable messages are sent again in
+    a new session until confirmed.  A WebRTC offer or answer is not: it is
+    worth nothing once its connection attempt has timed out, and the
+    receiver makes a new one."""
+    if isinstance(content, WebRTCSignal):
+        return content.signal_type == SignalType.BYE
+    return isinstance(content, Text | MailboxToken | FileOffer)
+
+
 MESSAGE_TTL = 30 * 24 * 3600  # as long as a mailbox keeps an envelope
 MAX_AUTO_RESENDS = 3  # times a refused message is sent again automatically
 RESET_INTERVAL = 60  # seconds between two session resets asked of one contact
@@ -112,7 +122,8 @@ Handler = Callable[[Incoming], bool]
 
 
 def _shown_text(content: Content) -> str | None:
-    """What a durable message shows in the conversation."""
+    """What a message we send shows in the conversation (file offers are
+    shown by the transfers, which know the file)."""
     return content.text if isinstance(content, Text) else None
 
 
@@ -215,13 +226,15 @@ class Conversations:
         self.db.execute("UPDATE contacts SET lamport = ? WHERE identity_key = ?", (lamport, key))
         return lamport
 
-    def send(self, key: bytes, content: Content) -> AppMessage:
+    def send(self, key: bytes, content: Content, *, shown: str | None = None) -> AppMessage:
         """The one way to send anything: queue ``content`` for the contact.
 
         Nothing is encrypted here; the node's courier encrypts the queue in the
-        contact's session (starting one when needed) and delivers it.
+        contact's session (starting one when needed) and delivers it.  A text,
+        or any durable message given ``shown``, appears in the conversation
+        with its delivery status.
         """
-        durable = isinstance(content, DURABLE)
+        durable = is_durable(content)
         with self.db.transaction():
             app = AppMessage.new(
                 content,
@@ -234,7 +247,7 @@ class Conversations:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (app.message_id, key, app.encode(), app.lamport, int(durable), self.now()),
             )
-            shown = _shown_text(content)
+            shown = shown if shown is not None else _shown_text(content)
             if shown is not None:
                 self.db.execute(
                     "INSERT INTO messages (id, contact, direction, text, lamport, sent_at, status)"
@@ -448,7 +461,7 @@ class Conversations:
                     results.append(error)
                     continue
                 results.append(result)
-                if result.app is not None and isinstance(result.app.content, DURABLE):
+                if result.app is not None and is_durable(result.app.content):
                     receipts.setdefault(result.sender, []).append(result.app.message_id)
             for sender, ids in receipts.items():
                 self.send(sender, Receipt(ReceiptType.DELIVERED, tuple(ids)))

@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from pigeon.protocol import ContactCode, PigeonError
+from pigeon.protocol import ContactCode, PigeonError, identity_id
 
 from . import control
 from .contacts import Contact
@@ -68,6 +68,11 @@ ARGUMENTS: dict[str, frozenset[str]] = {
     "inbox": frozenset({"contact", "after"}),
     "follow": frozenset({"contact", "after"}),
     "read": frozenset({"contact"}),
+    "files.send": frozenset({"contact", "path"}),
+    "files.list": frozenset(),
+    "files.accept": frozenset({"id", "to"}),
+    "files.cancel": frozenset({"id"}),
+    "files.auto_accept": frozenset({"contact", "max_bytes"}),
     "status": frozenset(),
     "stop": frozenset(),
 }
@@ -139,12 +144,34 @@ def _number(request: dict[str, Any], key: str) -> int:
     return value
 
 
+def _path(request: dict[str, Any], key: str) -> Path | None:
+    """An absolute path argument (the daemon's working directory is not the
+    client's), or None when it is absent."""
+    value = _optional_text(request, key)
+    if value is None:
+        return None
+    if "\x00" in value or not value.startswith("/"):
+        raise control.BadRequest(f"{key!r} must be an absolute path")
+    return Path(value)
+
+
+def _size_limit(request: dict[str, Any], key: str) -> int | None:
+    """A size in bytes, or None (null or absent) for "off"."""
+    value = request.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEQUENCE:
+        raise control.BadRequest(f"{key!r} must be a whole number of bytes, or null")
+    return value
+
+
 Reply = control.Send
 
 
 def make_handler(node: Node, stop: trio.Event) -> control.Handler:
     conv = node.conversations
     contacts = node.contacts
+    transfers = node.transfers
 
     def maybe_find(name: str | None) -> bytes | None:
         """The identity key of the contact a request names, if it names one."""
@@ -154,6 +181,7 @@ def make_handler(node: Node, stop: trio.Event) -> control.Handler:
         key = maybe_find(name)
         await send({"ok": True})
         watched: dict[str, tuple[str, str | None]] = {}  # outgoing id -> (status, reason) sent
+        files_seen: dict[str, tuple[str, str | None, int]] = {}  # transfer id -> what was sent
         while True:
             for message in conv.inbox(key, after):
                 after = max(after, int(str(message["seq"])))
@@ -173,6 +201,15 @@ def make_handler(node: Node, stop: trio.Event) -> control.Handler:
                     )
                 if state[0] == "read":
                     del watched[message_id]
+            for file in transfers.list():
+                if key is not None and file["peer"] != identity_id(key).hex():
+                    continue
+                # a line per state, and per quarter done while it moves
+                quarter = 4 * file["bytes_done"] // max(file["size"], 1)
+                shown = (file["state"], file["error"], quarter)
+                if files_seen.get(file["id"]) != shown:
+                    files_seen[file["id"]] = shown
+                    await send({"event": "file", **file})
             with trio.move_on_after(0.5):
                 await node.wait_for_messages()
 
@@ -227,6 +264,26 @@ def make_handler(node: Node, stop: trio.Event) -> control.Handler:
             return None
         if cmd == "read":
             return {"ok": True, "read": node.mark_read(contacts.find(_text(request, "contact")))}
+        if cmd == "files.send":
+            name, source = _text(request, "contact"), _path(request, "path")
+            if source is None:
+                raise control.BadRequest("files.send needs 'path' (a string)")
+            transfer = await transfers.offer(contacts.find(name).identity_key, source)
+            return {"ok": True, "file": transfers.describe(transfer)}
+        if cmd == "files.list":
+            return {"ok": True, "files": transfers.list()}
+        if cmd == "files.accept":
+            which, folder = _text(request, "id"), _path(request, "to")
+            transfer = transfers.accept(transfers.find(which), folder)
+            return {"ok": True, "file": transfers.describe(transfer)}
+        if cmd == "files.cancel":
+            transfer = transfers.cancel(transfers.find(_text(request, "id")))
+            return {"ok": True, "file": transfers.describe(transfer)}
+        if cmd == "files.auto_accept":
+            which, limit = _optional_text(request, "contact"), _size_limit(request, "max_bytes")
+            key = maybe_find(which)
+            transfers.set_auto_accept(key, limit)
+            return {"ok": True, "contact": which, "max_bytes": limit}
         if cmd == "status":
             return {"ok": True, **node.status()}
         if cmd == "stop":

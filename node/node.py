@@ -5,6 +5,7 @@
 - ``PresenceService`` (presence.py): who of our contacts is online.
 - ``MailboxOwner`` (mailbox_owner.py): our mailboxes, as a recipient.
 - ``MailboxPeer`` (mailbox.py): the mailbox role for others (``--mailbox``).
+- ``Transfers`` (transfers.py): files sent and received, over WebRTC.
 - ``Conversations`` (conversations.py): sessions, the outgoing queue and
   what arrives, over the database.
 
@@ -23,7 +24,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import multiaddr
 import trio
@@ -63,6 +65,10 @@ from .mailbox_owner import MailboxOwner
 from .mailbox_store import MailboxLimits, MailboxStore
 from .presence import PRESENCE_PROTOCOL, PresenceService
 from .storage import Database
+from .transfers import Transfers
+
+if TYPE_CHECKING:
+    from pigeon.transfer.rtc import IceServer
 
 log = logging.getLogger("pigeon.node")
 
@@ -80,6 +86,8 @@ class NodeConfig:
     mailbox_count: int = 3
     mailbox_interval: float = 30.0  # seconds between mailbox collections and checks
     mailbox_limits: MailboxLimits = field(default_factory=MailboxLimits)
+    downloads: Path | None = None  # where accepted files go: <home>/downloads if None
+    ice_servers: list[IceServer] = field(default_factory=list)
 
 
 class Node:
@@ -133,6 +141,17 @@ class Node:
             clock=clock,
         )
         conv.issue_token = self.owner.issue_token
+        self.transfers = Transfers(
+            db,
+            conv,
+            self._send_to,
+            self.spawn,
+            downloads=config.downloads or db.path.parent / "downloads",
+            ice_servers=config.ice_servers,
+            host_addresses=_webrtc_hosts(config.listen),
+            is_online=lambda key: self.is_online(self.contacts.get(key)),
+            random=random,
+        )
         self.mailbox: MailboxPeer | None = None
         if config.serve_mailbox:
             self.mailbox = MailboxPeer(
@@ -177,8 +196,10 @@ class Node:
             nursery = await stack.enter_async_context(trio.open_nursery())
             self._nursery = nursery
             self.host.get_network().register_notifee(_Connections(self))
+            await stack.enter_async_context(self.transfers.running())
             await self._bootstrap()
             self.spawn(self.directory.run)
+            self.spawn(self.transfers.run)
             self.spawn(self.courier.run)
             self.spawn(self.owner.run)
             if self.mailbox is not None:
@@ -287,6 +308,7 @@ class Node:
         self.contacts.saw(key, int(self.clock()))
         self.conversations.retry_failed(key)
         self.courier.wake(key, now=True)
+        self.transfers.contact_in_touch(key)
 
     async def peer_connected(self, peer: ID) -> None:
         """A peer connected: a contact's queue goes now; a mailbox of ours is collected."""
@@ -307,6 +329,11 @@ class Node:
         """The one way to send any kind of content to a contact."""
         app = self.conversations.send(contact.identity_key, content)
         self.courier.wake(contact.identity_key, now=True)
+        return app
+
+    def _send_to(self, key: bytes, content: Content, shown: str | None = None) -> AppMessage:
+        app = self.conversations.send(key, content, shown=shown)
+        self.courier.wake(key, now=True)
         return app
 
     def send_text(self, contact: Contact, text: str) -> AppMessage:
@@ -366,6 +393,14 @@ class Node:
             "messages": self.db.one("SELECT count(*) FROM messages")[0],
             **self.stats,
         }
+
+
+def _webrtc_hosts(listen: list[str]) -> list[str] | None:
+    """The addresses WebRTC offers as host candidates: a node that listens on
+    loopback only serves peers on this machine, so it offers 127.0.0.1 (which
+    aioice never gathers); any other node offers what aioice finds."""
+    hosts = {str(multiaddr.Multiaddr(a)).split("/")[2] for a in listen}
+    return ["127.0.0.1"] if hosts <= {"127.0.0.1"} else None
 
 
 class _Connections(INotifee):

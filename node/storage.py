@@ -156,6 +156,20 @@ MIGRATIONS: list[str] = [
     ALTER TABLE contacts ADD COLUMN mailbox_token BLOB;
     ALTER TABLE contacts ADD COLUMN token_sent_at INTEGER;
     """,
+    # version 6: file transfers, both directions.  The file's key and chunk
+    # hashes are kept so either side can resume after a restart; a file offer
+    # shown in the conversation names its transfer.
+    """
+    CREATE TABLE transfers (
+        id BLOB PRIMARY KEY, direction TEXT NOT NULL, contact BLOB NOT NULL,
+        uri TEXT NOT NULL, file_key BLOB NOT NULL, sha256 BLOB NOT NULL, leaves BLOB,
+        state TEXT NOT NULL, error TEXT, source TEXT, folder TEXT, path TEXT,
+        bytes_done INTEGER NOT NULL DEFAULT 0, bytes_sent INTEGER NOT NULL DEFAULT 0,
+        offer_message BLOB, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+    CREATE INDEX transfers_by_state ON transfers (state);
+    ALTER TABLE messages ADD COLUMN transfer BLOB;
+    ALTER TABLE contacts ADD COLUMN auto_accept_bytes INTEGER;
+    """,
 ]
 
 

@@ -39,6 +39,21 @@ def _line(message: dict[str, Any]) -> str:
     return f"{stamp} {safe_line(str(message['from_name']))}: {text}"
 
 
+def _file_line(file: dict[str, Any]) -> str:
+    """A transfer's state in the conversation, with what to do about it."""
+    arrow = "->" if file["direction"] == "out" else "<-"
+    name, state = safe_line(str(file["name"])), str(file["state"])
+    if state == "transferring":
+        state += f" {100 * int(file['bytes_done']) // max(int(file['size']), 1)}%"
+    elif state == "offered" and file["direction"] == "in":
+        state += f": pigeon accept {str(file['id'])[:8]}"
+    elif state == "done" and file.get("path"):
+        state += f": {safe_line(str(file['path']))}"
+    elif file.get("error"):
+        state += f": {safe_line(str(file['error']))}"
+    return f"      {arrow} file {name}: {state}"
+
+
 def _follow(home: Path, contact: str, after: int, stop: threading.Event) -> None:
     try:
         client = Client(home, timeout=None)
@@ -54,6 +69,8 @@ def _follow(home: Path, contact: str, after: int, stop: threading.Event) -> None
                     reader = Client(home)
                     reader.request("read", contact=contact)
                     reader.close()
+            elif event.get("event") == "file":
+                print(_file_line(event))
             elif event.get("event") == "status" and event["id"] in texts:
                 mark = MARKS.get(event["status"], event["status"])
                 reason = f" ({safe_line(event['reason'])})" if event.get("reason") else ""

@@ -19,6 +19,7 @@ from typing import Any
 
 from pigeon.protocol import MAX_TEXT_BYTES, PigeonError, check_text
 
+from . import files
 from .term import safe, safe_line
 
 
@@ -110,6 +111,19 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not tell contacts when you are online",
     )
+    daemon.add_argument(
+        "--downloads",
+        metavar="DIR",
+        help="where accepted files are saved (default: HOME/downloads, HOME being --home)",
+    )
+    daemon.add_argument(
+        "--ice-server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a STUN or TURN server for file transfers (stun:HOST:PORT,"
+        " turn:USER:PASSWORD@HOST:PORT); may be repeated; none by default",
+    )
     daemon.add_argument("-v", "--verbose", action="store_true")
 
     contacts = commands.add_parser("contacts", help="add, list, rename or remove contacts")
@@ -144,6 +158,8 @@ def _parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", help="talk with a contact interactively")
     chat.add_argument("contact")
+
+    files.add_commands(commands)
 
     commands.add_parser("status", help="show the daemon's state")
     commands.add_parser("stop", help="stop the running daemon")
@@ -265,7 +281,12 @@ def cmd_daemon(home: Path, args: argparse.Namespace) -> int:
         mailbox_interval=args.mailbox_interval,
         mailbox_count=args.mailboxes,
         mailbox_limits=MailboxLimits(deposits_per_minute=args.mailbox_rate_limit),
+        downloads=None if args.downloads is None else Path(args.downloads).expanduser().absolute(),
     )
+    if args.ice_server:
+        from pigeon.transfer.rtc import parse_ice_server
+
+        config.ice_servers = [parse_ice_server(url) for url in args.ice_server]
     if args.listen:
         from pigeon.node.host import listen_addresses
 
@@ -422,6 +443,22 @@ def cmd_chat(home: Path, args: argparse.Namespace) -> int:
     return run_chat(home, args.contact)
 
 
+def cmd_send_file(home: Path, args: argparse.Namespace) -> int:
+    return files.cmd_send_file(_client(home, timeout=None), args)
+
+
+def cmd_files(home: Path, args: argparse.Namespace) -> int:
+    return files.cmd_files(_client(home), args)
+
+
+def cmd_accept(home: Path, args: argparse.Namespace) -> int:
+    return files.cmd_accept(_client(home, timeout=None), args)
+
+
+def cmd_cancel(home: Path, args: argparse.Namespace) -> int:
+    return files.cmd_cancel(_client(home), args)
+
+
 def cmd_demo(home: Path, args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -436,6 +473,10 @@ COMMANDS = {
     "send": cmd_send,
     "inbox": cmd_inbox,
     "chat": cmd_chat,
+    "send-file": cmd_send_file,
+    "files": cmd_files,
+    "accept": cmd_accept,
+    "cancel": cmd_cancel,
     "status": cmd_status,
     "stop": cmd_stop,
     "demo": cmd_demo,
