@@ -235,3 +235,24 @@ def test_the_readme_file_send_runs_as_written(pair, tmp_path):
     assert running[0].returncode == 0, err
     assert out.decode().strip() == "sent holiday.jpg to bob (2.0 MB)"
     assert sha256(tmp_path / "dl" / "holiday.jpg") == sha256(photo)
+
+
+def test_the_chat_shows_offers_and_how_they_go(pair, tmp_path):
+    from test_chat import Terminal
+
+    alice, bob = pair
+    terminal = Terminal(
+        [sys.executable, "-m", "pigeon.ui.cli", "--home", str(bob.home), "chat", "alice"]
+    )
+    try:
+        terminal.read_until("Ctrl-D to leave")
+        transfer_id = offer(alice, random_file(tmp_path / "slides.pdf", 500_000))
+        terminal.read_until(f"<- file slides.pdf: offered: pigeon accept {transfer_id[:8]}")
+        bob.cli("accept", transfer_id[:8], "--to", str(tmp_path / "got"))
+        terminal.read_until(f"<- file slides.pdf: done: {tmp_path / 'got' / 'slides.pdf'}")
+        terminal.type("\x04")
+        assert terminal.close() == 0
+    finally:
+        if terminal.process.poll() is None:
+            terminal.process.kill()
+            terminal.close()
