@@ -199,6 +199,10 @@ def test_long_texts_left_with_mailboxes_all_arrive(net):
     add(bob, alice)
     wait_for(lambda: len(status(bob)["mailboxes"]) == 3, timeout=60)
     wait_for(lambda: "left 100 one-time prekeys" in bob.log.read_text(), timeout=30)
+    # They have talked before, so Alice holds Bob's deposit token and pays no
+    # proof of work (tested in test_hostile_mailbox.py): this is about paging.
+    bob.cli("send", "alice", "hi")
+    wait_for(lambda: incoming(alice) == ["hi"])
     import time
 
     time.sleep(2)  # Bob's record with his mailboxes is published
