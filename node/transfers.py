@@ -603,7 +603,7 @@ class Transfers:
         )
         self._progress.pop(transfer_id, None)
         self._signal(transfer, SignalType.BYE, reason=ByeReason.DONE)
-        log.info("transfer=%s received: %s", transfer_id.hex()[:8], final)
+        log.info("transfer=%s received", transfer_id.hex()[:8])
         self._touch()
 
     # -- ending ------------------------------------------------------------------------------
