@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import logging
 import os
 import shutil
@@ -233,11 +234,21 @@ class Transfers:
             if self._rtc is None:
                 if self._stack is None:
                     raise PigeonError("the node is not running")
-                from pigeon.transfer.rtc import RtcThread  # loads aiortc: only when needed
-
-                rtc = RtcThread(self.ice_servers, self.host_addresses)
-                self._rtc = await self._stack.enter_async_context(rtc)
+                # aiortc loads only when needed, and in a thread: importing it
+                # takes about half a second the event loop must not wait out
+                module = await trio.to_thread.run_sync(
+                    importlib.import_module, "pigeon.transfer.rtc"
+                )
+                thread: RtcThread = module.RtcThread(self.ice_servers, self.host_addresses)
+                await self._stack.enter_async_context(thread)
+                self._rtc = thread
+                return thread
             return self._rtc
+
+    async def warm_up(self) -> None:
+        """Have aiortc ready before a transfer needs it: an offer is usually
+        followed by a connection, on both sides."""
+        await self.rtc()
 
     async def run(self) -> None:
         """Resume what a restart interrupted, then keep trying paused ones."""
@@ -399,6 +410,7 @@ class Transfers:
         log.info(
             "transfer=%s offered to %s: %d bytes", transfer_id.hex()[:8], short_id(contact), size
         )
+        self.spawn(self.warm_up)
         self._touch()
         return self.get(transfer_id)
 
@@ -692,6 +704,7 @@ class Transfers:
                 offer.transfer_id,
             ),
         )
+        self.spawn(self.warm_up)
         limit = self._auto_accept_limit(item.sender)
         if limit is not None and ref.size <= limit:
             self.spawn(self._auto_accept, offer.transfer_id)

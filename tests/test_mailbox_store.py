@@ -33,6 +33,7 @@ from pigeon.protocol.mailbox import (
     do_work,
     mailbox_id,
     proof_message,
+    work_done,
 )
 
 # Proofs of work 12 bits cheaper than on the network: cheap, but not free, so
@@ -353,9 +354,14 @@ def test_registering_depositing_and_taking_prekeys_cost_a_token_or_work(service)
     envelope = b"sealed"
     free = ask(service, Request(Op.DEPOSIT, box, envelope=envelope))
     assert not free.ok and free.error.startswith("a deposit without a token needs proof of work")
+    # work pays for one envelope only (the tests' discounted work is a few
+    # bits, so skip the nonces that happen to pay for this envelope too)
+    bits = service.limits.work_bits(deposit_work_bits(len(envelope)))
     for_another = paid(service, box, b"another envelope")
+    while work_done(Op.DEPOSIT, box, envelope, for_another.work, bits):
+        for_another = paid(service, box, b"another envelope")
     stolen = Request(Op.DEPOSIT, box, envelope=envelope, work=for_another.work)
-    assert not ask(service, stolen).ok  # work pays for one envelope only
+    assert not ask(service, stolen).ok
     assert ask(service, paid(service, box, envelope)).ok
 
     assert ask(service, Request(Op.DEPOSIT, box, envelope=b"by a contact", token=token_for(key))).ok
