@@ -366,6 +366,7 @@ class Transfers:
             raise PigeonError(f"cannot read {source}: {error.strerror}") from None
         key = self.random(KEY_SIZE)
         name = safe_name(source.name)
+        self.spawn(self.warm_up)  # while the file is read and sealed
 
         def build() -> tuple[FileRef, tuple[bytes, ...], bytes]:
             builder = ManifestBuilder(name, size, DEFAULT_CHUNK, key)
@@ -410,7 +411,6 @@ class Transfers:
         log.info(
             "transfer=%s offered to %s: %d bytes", transfer_id.hex()[:8], short_id(contact), size
         )
-        self.spawn(self.warm_up)
         self._touch()
         return self.get(transfer_id)
 
