@@ -77,6 +77,7 @@ CONNECT_TIMEOUT = 20.0  # from our WebRTC offer to an open data channel
 STALE_SIGNAL_MS = int(CONNECT_TIMEOUT * 1000) + 30_000
 RETRY_EVERY = 30.0  # seconds between tries of paused transfers from contacts online
 PROGRESS_EVERY = 2.0  # seconds between writes of a running transfer's progress
+MAX_BROKEN_ATTEMPTS = 3  # attempts in a row ended by a peer breaking the protocol
 ID_PREFIX = 6  # hex digits a transfer ID can be shortened to, when unique
 
 
@@ -210,6 +211,7 @@ class Transfers:
         self._answers: dict[bytes, trio.MemorySendChannel[str]] = {}
         self._progress: dict[bytes, int] = {}  # in memory, between writes
         self._written: dict[bytes, float] = {}  # when progress was last written
+        self._broken: dict[bytes, int] = {}  # attempts in a row the peer broke the protocol
         self._changed = trio.Event()
         conversations.handle(FileOffer, self._on_offer)
         conversations.handle(WebRTCSignal, self._on_signal)
@@ -638,7 +640,17 @@ class Transfers:
         return self.get(transfer_id)
 
     def _ended(self, transfer: Transfer, error: TransferError) -> None:
-        """An attempt ended without the file: paused to try again, or failed."""
+        """An attempt ended without the file: paused to try again, or failed.
+        A peer that breaks the protocol (damaged chunks, malformed messages)
+        gets ``MAX_BROKEN_ATTEMPTS`` attempts in a row, not a retry for ever."""
+        if error.code == ErrorCode.PROTOCOL and error.outcome == Outcome.RESUMABLE:
+            broken = self._broken[transfer.id] = self._broken.get(transfer.id, 0) + 1
+            if broken >= MAX_BROKEN_ATTEMPTS:
+                error = TransferError(
+                    f"{error} ({broken} attempts in a row)", error.code, Outcome.FINAL
+                )
+        else:
+            self._broken.pop(transfer.id, None)
         if error.outcome == Outcome.RESUMABLE:
             self._set(transfer.id, "paused", str(error))
             log.info("transfer=%s paused: %s", transfer.id.hex()[:8], error)

@@ -15,6 +15,8 @@ from pigeon.node.conversations import Conversations
 from pigeon.node.transfers import Transfers, place
 from pigeon.protocol import FileOffer, PigeonError, WebRTCSignal
 from pigeon.protocol.messages import AppMessage, ByeReason, SignalType
+from pigeon.transfer.engine import Outcome, TransferError
+from pigeon.transfer.wire import ErrorCode
 
 Spawned = list[tuple[object, tuple[object, ...]]]
 
@@ -153,3 +155,28 @@ def test_a_finished_file_never_replaces_one_and_never_leaves_its_folder(tmp_path
     with pytest.raises(PigeonError, match="would leave the download folder"):
         place(part, folder, "../escape")
     assert not (tmp_path / "escape").exists()
+
+
+def test_a_sender_that_keeps_breaking_the_protocol_is_given_up(two, tmp_path):
+    """Damaged chunks end an attempt and the receiver tries again, but not for
+    ever: after three such attempts in a row the transfer fails, and the
+    sender is told."""
+    alice, bob, at_alice, at_bob = two
+    source = tmp_path / "f.bin"
+    source.write_bytes(b"x" * 1000)
+    sent = trio.run(at_alice.offer, bob.identity.public_key, source)
+    flush(alice, bob)
+    at_bob.accept(sent.id, tmp_path / "dl")
+    damaged = TransferError(
+        "the sender sent 17 damaged chunks", ErrorCode.PROTOCOL, Outcome.RESUMABLE
+    )
+    lost = TransferError("no word from the sender for 5 s", ErrorCode.FAILED, Outcome.RESUMABLE)
+    for error in (damaged, damaged, lost, damaged, damaged):  # a lost link breaks the run
+        at_bob._ended(at_bob.get(sent.id), error)
+        assert at_bob.list()[0]["state"] == "paused"
+    at_bob._ended(at_bob.get(sent.id), damaged)
+    incoming = at_bob.list()[0]
+    assert incoming["state"] == "failed"
+    assert incoming["error"] == "the sender sent 17 damaged chunks (3 attempts in a row)"
+    flush(bob, alice)
+    assert at_alice.list()[0]["state"] == "failed"
