@@ -44,7 +44,7 @@ from pigeon.protocol import DirectoryRecord, ProtocolError, dht_key
 from pigeon.protocol.records import DHT_NAMESPACE, MAX_RECORD_SIZE, newest
 
 from .contacts import ContactBook, is_current, short_id
-from .limits import REFUSALS, Handler, RefusalLog, Slots, StreamLimit, reset
+from .limits import REFUSALS, Handler, RefusalLog, Slots, StreamLimit, refuse, reset
 
 log = logging.getLogger("pigeon.directory")
 LOOKUP_TIMEOUT = 10.0
@@ -261,16 +261,7 @@ def guard_dht(dht: KadDHT, refusals: RefusalLog = REFUSALS) -> Handler:
         peer = stream.muxed_conn.peer_id
         slot = slots.take(peer)
         if slot is None:
-            refusals.refused(
-                peer,
-                "peer=%s DHT stream refused: %d of its own open (limit %d), %d in all (limit %d)",
-                peer,
-                slots.held(peer),
-                slots.per_key,
-                slots.in_use,
-                slots.total,
-            )
-            await reset(stream)
+            await refuse(stream, "DHT stream", slots, refusals)
             return
         storing = _storing_peer.set(peer)
         try:

@@ -282,6 +282,22 @@ async def reset(stream: INetStream) -> None:
             return
 
 
+async def refuse(stream: INetStream, what: str, slots: Slots[ID], refusals: RefusalLog) -> None:
+    """Reset a stream its peer has no place for, saying why (within the log's bounds)."""
+    peer = stream.muxed_conn.peer_id
+    refusals.refused(
+        peer,
+        "peer=%s %s refused: %d of its own open (limit %d), %d in all (limit %d)",
+        peer,
+        what,
+        slots.held(peer),
+        slots.per_key,
+        slots.in_use,
+        slots.total,
+    )
+    await reset(stream)
+
+
 class Admission:
     """Admits the inbound streams of a node's protocols.
 
@@ -317,18 +333,7 @@ class Admission:
             slots = self.slots[protocol, known]
             slot = slots.take(peer)
             if slot is None:
-                self.refusals.refused(
-                    peer,
-                    "peer=%s %s stream refused: %d of its own open (limit %d), %d in all"
-                    " (limit %d)",
-                    peer,
-                    protocol,
-                    slots.held(peer),
-                    slots.per_key,
-                    slots.in_use,
-                    slots.total,
-                )
-                await reset(stream)
+                await refuse(stream, f"{protocol} stream", slots, self.refusals)
                 return
             set_budget(stream, self.budgets[known])
             with slot:

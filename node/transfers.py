@@ -57,7 +57,7 @@ from pigeon.transfer.engine import (
     serve_file,
 )
 from pigeon.transfer.manifest import DEFAULT_CHUNK, HASH_SIZE, KEY_SIZE, ManifestBuilder
-from pigeon.transfer.reference import FileRef, parse_uri, safe_name
+from pigeon.transfer.reference import FileRef, human_size, parse_uri, safe_name
 from pigeon.transfer.wire import ErrorCode
 
 from .contacts import Contact, UnknownContact, short_id
@@ -83,15 +83,6 @@ ID_PREFIX = 6  # hex digits a transfer ID can be shortened to, when unique
 
 class TransferNotFound(PigeonError):
     pass
-
-
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{size} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
 
 
 def offer_text(ref: FileRef) -> str:

@@ -129,6 +129,15 @@ class Daemon:
         return self.process is not None and self.process.poll() is None
 
 
+def rss_mb(daemon: Daemon) -> float:
+    """The daemon's resident memory now, in MiB."""
+    assert daemon.process is not None
+    for line in Path(f"/proc/{daemon.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
 def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.2) -> Any:
     deadline = time.monotonic() + timeout
     while True:

@@ -19,7 +19,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 from nacl.signing import SigningKey
 
-from daemons import BOX, FAST, PASSPHRASE, Daemon, status, wait_for
+from daemons import BOX, FAST, PASSPHRASE, Daemon, rss_mb, status, wait_for
 from helpers import deposit_token
 from pigeon.node.framing import StreamClosed, frame, read_frame
 from pigeon.node.host import build_host, close_host
@@ -55,14 +55,6 @@ def mailbox_of(daemon: Daemon) -> tuple[SigningKey, bytes]:
     assert seed is not None
     key = SigningKey(seed)
     return key, mailbox_id(bytes(key.verify_key))
-
-
-def rss_mb(daemon: Daemon) -> float:
-    assert daemon.process is not None
-    for line in Path(f"/proc/{daemon.process.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def incoming(daemon: Daemon) -> list[str]:

@@ -30,7 +30,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.utils import varint
 
-from daemons import Daemon
+from daemons import Daemon, rss_mb
 from pigeon.node.control import Client
 from pigeon.node.delivery import ENVELOPE_PROTOCOL
 from pigeon.node.host import build_host, close_host, quiet_libp2p_logs
@@ -85,14 +85,6 @@ def introduce(alice: Daemon, bob: Daemon) -> None:
     alice.cli("contacts", "add", bob.id()["contact_code"], "--as", "bob")
     delays = Genuine(alice, bob).run(count=1, pause=0)
     assert delays[0] < 30, "the first message did not arrive"
-
-
-def rss_mb(daemon: Daemon) -> float:
-    assert daemon.process is not None
-    for line in Path(f"/proc/{daemon.process.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 class Peak:

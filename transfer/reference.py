@@ -210,3 +210,13 @@ def parse_uri(text: str) -> FileRef:
         _decimal(values["chunk"], "chunk size"),
         _name(values["name"]),
     )
+
+
+def human_size(size: float) -> str:
+    """A size as people read it: 999 bytes, 1.5 KB, 20.0 MB (powers of 1000)."""
+    value = float(size)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")

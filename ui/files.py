@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pigeon.protocol import PigeonError
+from pigeon.transfer.reference import human_size
 
 from .term import safe_line
 
@@ -37,14 +38,6 @@ def parse_size(text: str) -> int:
     if match is None or unit not in _UNITS:
         raise PigeonError(f"{text!r} is not a size (say 50MB, 1GB, 700KiB or a number of bytes)")
     return int(float(match.group(1)) * _UNITS[unit])
-
-
-def human(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    raise AssertionError("unreachable")
 
 
 def _clock(seconds: float) -> str:
@@ -76,8 +69,8 @@ class Progress:
             filled = int(width * done / size)
             bar = "#" * filled + "-" * (width - filled)
             line = (
-                f"[{bar}] {100 * done / size:5.1f}%  {human(done)} of {human(size)}"
-                f"  {human(rate)}/s  {left}"
+                f"[{bar}] {100 * done / size:5.1f}%  {human_size(done)} of {human_size(size)}"
+                f"  {human_size(rate)}/s  {left}"
             )
         else:
             reason = file.get("error")
@@ -132,7 +125,8 @@ def cmd_send_file(client: Any, args: argparse.Namespace) -> int:
     if not source.is_file():
         raise PigeonError(f"{args.path} is not a file")
     print(
-        f"preparing {safe_line(source.name)} ({human(source.stat().st_size)})...", file=sys.stderr
+        f"preparing {safe_line(source.name)} ({human_size(source.stat().st_size)})...",
+        file=sys.stderr,
     )
     file = client.request("files.send", contact=args.contact, path=str(source))["file"]
     label = safe_line(str(file["contact"]))
@@ -148,13 +142,15 @@ def cmd_send_file(client: Any, args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     final = follow(client, file["id"], Progress())
-    return _ended(final, lambda f: f"sent {safe_line(f['name'])} to {label} ({human(f['size'])})")
+    return _ended(
+        final, lambda f: f"sent {safe_line(f['name'])} to {label} ({human_size(f['size'])})"
+    )
 
 
 def cmd_accept(client: Any, args: argparse.Namespace) -> int:
     folder = None if args.to is None else str(Path(args.to).expanduser().absolute())
     file = client.request("files.accept", id=args.id, to=folder)["file"]
-    print(f"accepted {safe_line(file['name'])} ({human(file['size'])})", file=sys.stderr)
+    print(f"accepted {safe_line(file['name'])} ({human_size(file['size'])})", file=sys.stderr)
     if args.no_wait:
         return 0
     final = follow(client, file["id"], Progress())
@@ -176,7 +172,7 @@ def cmd_files(client: Any, args: argparse.Namespace) -> int:
         if limit is None:
             print(f"files from {whom} wait for pigeon accept")
         else:
-            print(f"files up to {human(limit)} from {whom} are accepted without asking")
+            print(f"files up to {human_size(limit)} from {whom} are accepted without asking")
         return 0
     files = client.request("files.list")["files"]
     if args.json:
@@ -193,7 +189,7 @@ def cmd_files(client: Any, args: argparse.Namespace) -> int:
             state += f" {100 * file['bytes_done'] // max(file['size'], 1)}%"
         line = (
             f"{file['id'][:8]}  {arrow} {who:12} {safe_line(file['name'])}"
-            f"  {human(file['size'])}  {state}"
+            f"  {human_size(file['size'])}  {state}"
         )
         if file.get("error"):
             line += f" ({safe_line(file['error'])})"
