@@ -36,12 +36,12 @@ from pigeon.protocol.mailbox import (
     Request,
     Response,
     deposit_work_bits,
-    do_work,
 )
 
 from .framing import frame, read_frame
 from .mailbox_service import MailboxService
 from .mailbox_store import MailboxLimits, MailboxStore
+from .work import prove
 
 log = logging.getLogger("pigeon.mailbox")
 
@@ -90,8 +90,7 @@ async def take_prekey(
                 request = Request(Op.TAKE_PREKEY, entry.mailbox_id, token=token)
             else:
                 window = int(clock() // 60)
-                work = await trio.to_thread.run_sync(
-                    do_work,
+                work = await prove(
                     Op.TAKE_PREKEY,
                     entry.mailbox_id,
                     struct.pack(">Q", window),
@@ -119,9 +118,7 @@ def _start() -> int:
 
 
 async def _with_work(box: bytes, envelope: bytes) -> Request:
-    work = await trio.to_thread.run_sync(
-        do_work, Op.DEPOSIT, box, envelope, deposit_work_bits(len(envelope)), _start()
-    )
+    work = await prove(Op.DEPOSIT, box, envelope, deposit_work_bits(len(envelope)), _start())
     return Request(Op.DEPOSIT, box, envelope=envelope, work=work)
 
 
