@@ -434,7 +434,9 @@ class Conversations:
 
     # -- receiving ------------------------------------------------------------------------
 
-    def accept_envelopes(self, envelopes: list[bytes]) -> list[Accepted | PigeonError]:
+    def accept_envelopes(
+        self, envelopes: list[bytes], via: str = "direct"
+    ) -> list[Accepted | PigeonError]:
         """Open, decrypt and store a batch of envelopes in one transaction.
 
         Each envelope is all-or-nothing on its own (a savepoint): one that is
@@ -461,6 +463,11 @@ class Conversations:
                     results.append(error)
                     continue
                 results.append(result)
+                if result.new and result.app is not None:
+                    self.db.execute(
+                        "UPDATE messages SET via = ? WHERE id = ? AND direction = 'in'",
+                        (via, result.app.message_id),
+                    )
                 if result.app is not None and is_durable(result.app.content):
                     receipts.setdefault(result.sender, []).append(result.app.message_id)
             for sender, ids in receipts.items():
@@ -659,7 +666,7 @@ class Conversations:
     def inbox(self, key: bytes | None = None, after: int = 0) -> list[dict[str, object]]:
         sql = (
             "SELECT m.rowid, m.id, m.contact, c.identity_id, coalesce(c.alias, c.name), m.text,"
-            " m.sent_at, m.received_at, m.direction, m.status, m.lamport, m.reason"
+            " m.sent_at, m.received_at, m.direction, m.status, m.lamport, m.reason, m.via"
             " FROM messages m JOIN contacts c ON c.identity_key = m.contact WHERE m.rowid > ?"
         )
         params: tuple[object, ...] = (after,)
@@ -686,6 +693,7 @@ class Conversations:
                     "status": row[9],
                     "reason": row[11],
                     "lamport": row[10],
+                    "via": row[12],
                 }
             )
         return out

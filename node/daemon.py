@@ -74,6 +74,7 @@ ARGUMENTS: dict[str, frozenset[str]] = {
     "files.cancel": frozenset({"id"}),
     "files.auto_accept": frozenset({"contact", "max_bytes"}),
     "status": frozenset(),
+    "metrics": frozenset(),
     "stop": frozenset(),
 }
 # Sequence numbers are SQLite rowids: 64-bit and signed.
@@ -286,6 +287,8 @@ def make_handler(node: Node, stop: trio.Event) -> control.Handler:
             return {"ok": True, "contact": which, "max_bytes": limit}
         if cmd == "status":
             return {"ok": True, **node.status()}
+        if cmd == "metrics":
+            return {"ok": True, **node.metrics()}
         if cmd == "stop":
             stop.set()
             return {"ok": True}

@@ -22,6 +22,7 @@ bound how many new keys each peer, and everyone together, can store.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import time
@@ -48,6 +49,7 @@ from .limits import REFUSALS, Handler, RefusalLog, Slots, StreamLimit, refuse, r
 
 log = logging.getLogger("pigeon.directory")
 LOOKUP_TIMEOUT = 10.0
+LOOKUP_SAMPLES = 1000  # lookups remembered for `metrics`
 # Our record is published again this often, with a new sequence number, to the
 # peers closest to its key.  A peer that lost it (evicted, restarted, or new
 # among the closest) holds it again within this time, and a lookup meanwhile
@@ -299,6 +301,8 @@ class Directory:
         self.build_record = build_record
         self.clock = clock
         self._republish = trio.Event()
+        # How long the latest lookups in the DHT took, for `metrics`.
+        self.lookup_ms: collections.deque[float] = collections.deque(maxlen=LOOKUP_SAMPLES)
 
     def republish(self) -> None:
         self._republish.set()
@@ -334,7 +338,10 @@ class Directory:
         return self.contacts.get(key).record
 
     async def _look_up(self, key: bytes) -> None:
-        for data in await lookup(self.dht, key):
+        started = trio.current_time()
+        found = await lookup(self.dht, key)
+        self.lookup_ms.append((trio.current_time() - started) * 1000)
+        for data in found:
             try:
                 self.contacts.store_record(key, data, int(self.clock()))
             except ProtocolError as error:

@@ -1,5 +1,6 @@
 """The libp2p host: Noise only (no plaintext, secio or TLS), yamux, a device
-key persisted as a 32-byte seed so the peer ID is stable."""
+key persisted as a 32-byte seed so the peer ID is stable, over TCP that
+counts the bytes it carries (``Wire``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import multiaddr
@@ -18,10 +19,16 @@ from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import THandler
+from libp2p.io.abc import ReadWriteCloser
+from libp2p.io.trio import TrioTCPStream
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.transport.exceptions import OpenConnectionError
+from libp2p.transport.tcp.tcp import TCP, TCPListener
 
 from pigeon.protocol import PigeonError
 
@@ -203,7 +210,140 @@ def peer_id_for(device_seed: bytes) -> ID:
     return ID.from_pubkey(create_new_key_pair(device_seed).public_key)
 
 
-def build_host(device_seed: bytes, listen: list[str]) -> IHost:
+class Wire:
+    """What a node's TCP carries: bytes each way, counted below encryption
+    and multiplexing (what crosses the network, TCP/IP headers aside).
+
+    Two knobs for running many nodes on one machine: ``source`` is the
+    address outgoing connections leave from (the node's own loopback
+    address, so others can tell nodes apart), and ``allows`` decides per
+    remote IP address whether a connection may exist at all: refused dials,
+    closed incoming connections and, after ``cut()``, closed live ones.
+    """
+
+    def __init__(self, source: str | None = None) -> None:
+        self.source = source
+        self.sent = 0
+        self.received = 0
+        self.allows: Callable[[str], bool] = lambda ip: True
+        self._live: set[_Metered] = set()
+
+    def track(self, stream: ReadWriteCloser) -> ReadWriteCloser:
+        metered = _Metered(stream, self)
+        self._live.add(metered)
+        return metered
+
+    async def cut(self) -> None:
+        """Close every live connection to an address that is no longer allowed."""
+        for stream in list(self._live):
+            if not self.allows(stream.remote_ip):
+                with trio.move_on_after(1):
+                    await stream.close()
+
+    async def close_all(self) -> None:
+        """Close what py-libp2p left open: a connection whose upgrade was
+        cancelled half way is dropped without being closed."""
+        with trio.CancelScope(shield=True):
+            for stream in list(self._live):
+                with trio.move_on_after(1):
+                    await stream.close()
+
+
+class _Metered(ReadWriteCloser):
+    def __init__(self, inner: ReadWriteCloser, wire: Wire) -> None:
+        self.inner = inner
+        self.wire = wire
+        remote = inner.get_remote_address()
+        self.remote_ip = remote[0] if remote else ""
+
+    async def read(self, n: int | None = None) -> bytes:
+        data = await self.inner.read(n)
+        self.wire.received += len(data)
+        return data
+
+    async def write(self, data: bytes) -> None:
+        await self.inner.write(data)
+        self.wire.sent += len(data)
+
+    async def close(self) -> None:
+        self.wire._live.discard(self)
+        await self.inner.close()
+
+    def get_remote_address(self) -> tuple[str, int] | None:
+        return self.inner.get_remote_address()
+
+
+async def _connect_from(
+    maddr: multiaddr.Multiaddr, source: str, port: int = 0
+) -> trio.SocketStream:
+    """A TCP connection to ``maddr`` leaving from ``source`` (``port`` 0: any).
+
+    py-libp2p's own dial from a source address leaks its socket when the
+    dial is cancelled; this one closes it whatever happens.
+    """
+    try:
+        family, ip, port = _socket_address(multiaddr.Multiaddr("/".join(str(maddr).split("/")[:5])))
+    except ValueError as error:
+        raise OpenConnectionError(f"Failed to open TCP stream to {maddr}: {error}") from error
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if port:  # the listening port, which the listener shares (SO_REUSEPORT)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        await sock.bind((source, port))
+        await sock.connect((ip, port))
+    except OSError as error:
+        sock.close()
+        raise OpenConnectionError(f"Failed to open TCP stream to {maddr}: {error}") from error
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+class _WireTCP(TCP):
+    """py-libp2p's TCP transport with every connection going through a ``Wire``."""
+
+    def __init__(self, wire: Wire) -> None:
+        super().__init__()
+        self.wire = wire
+
+    async def dial(self, maddr: multiaddr.Multiaddr) -> RawConnection:
+        ip = str(maddr).split("/")[2]
+        if not self.wire.allows(ip):
+            raise OpenConnectionError(f"Failed to open TCP stream to {maddr}: unreachable")
+        if self.wire.source is None:
+            conn = await super().dial(maddr)
+            assert isinstance(conn, RawConnection)
+        else:
+            conn = RawConnection(TrioTCPStream(await _connect_from(maddr, self.wire.source)), True)
+        conn.stream = self.wire.track(conn.stream)
+        return conn
+
+    async def dial_with_source(
+        self, maddr: multiaddr.Multiaddr, source: tuple[str, int]
+    ) -> RawConnection:
+        """A dial from a given address and port (py-libp2p's, for hole
+        punching, leaks its socket when cancelled)."""
+        ip = str(maddr).split("/")[2]
+        if not self.wire.allows(ip):
+            raise OpenConnectionError(f"Failed to open TCP stream to {maddr}: unreachable")
+        stream = TrioTCPStream(await _connect_from(maddr, source[0], source[1]))
+        return RawConnection(self.wire.track(stream), True)
+
+    def create_listener(self, handler_function: THandler) -> TCPListener:
+        async def handler(stream: ReadWriteCloser) -> None:
+            metered = self.wire.track(stream)
+            assert isinstance(metered, _Metered)
+            if not self.wire.allows(metered.remote_ip):
+                await metered.close()
+                return
+            await handler_function(metered)
+
+        return super().create_listener(handler)
+
+
+def build_host(device_seed: bytes, listen: list[str], wire: Wire | None = None) -> IHost:
     key_pair = create_new_key_pair(device_seed)
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     return new_host(
@@ -211,6 +351,7 @@ def build_host(device_seed: bytes, listen: list[str]) -> IHost:
         sec_opt={NOISE_PROTOCOL_ID: noise},
         connection_config=ConnectionConfig(max_connections_per_peer=1),
         listen_addrs=listen_addresses(listen),
+        transports=[_WireTCP(wire or Wire())],
     )
 
 

@@ -31,7 +31,6 @@ from pigeon.protocol.mailbox import (
     Op,
     Request,
     Response,
-    do_work,
     mailbox_id,
     proof_message,
 )
@@ -40,12 +39,23 @@ from .framing import read_frame
 from .mailbox import PROVIDER_KEY, call, mailbox_peer
 from .prekeys import Prekeys
 from .storage import Database
+from .work import prove
 
 log = logging.getLogger("pigeon.mailbox")
 
 PREKEY_REFILL_BELOW = 10  # as Signal: refill below 10, in batches of 100
 PREKEY_BATCH = 100
-MAILBOX_MAX_FAILURES = 3  # consecutive failed collections before a mailbox is replaced
+# A mailbox is replaced after this many failed collections in a row; one that
+# cannot be reached, only once that has lasted MAILBOX_FAIL_INTERVALS
+# collection intervals (10 minutes at the default 30 s): a partition or a
+# restart of a few minutes does not cost a mailbox.
+MAILBOX_MAX_FAILURES = 3
+MAILBOX_FAIL_INTERVALS = 20
+# A replaced mailbox is retired: no longer in our record, but still collected
+# from until it has been drained after senders had time to see the record
+# without it (RETIRED_DRAIN_AFTER), or until what it holds has expired there.
+RETIRED_DRAIN_AFTER = 3600
+RETIRED_KEEP = 30 * 24 * 3600  # a mailbox's longest envelope lifetime
 MAX_COLLECT_PAGES = 64  # pages per mailbox per collection; the rest comes right after
 # Private halves of one-time prekeys left with one mailbox and not yet used:
 # beyond this, a mailbox is not refilled (they expire after PREKEY_LIFETIME).
@@ -119,16 +129,19 @@ class MailboxOwner:
         )
         return token.encode()
 
-    def my_mailboxes(self) -> list[tuple[bytes, list[str]]]:
+    def my_mailboxes(self, retired: bool = False) -> list[tuple[bytes, list[str]]]:
+        """The mailboxes in use (in our record); with ``retired``, also those
+        we stopped using and still collect from."""
+        where = "" if retired else " WHERE retired_at IS NULL"
         return [
             (bytes(r[0]), [str(a) for a in json.loads(r[1])])
             for r in self.db.all(
-                "SELECT peer_id, addresses FROM my_mailboxes ORDER BY registered_at"
+                f"SELECT peer_id, addresses FROM my_mailboxes{where} ORDER BY registered_at"
             )
         ]
 
     def is_mailbox(self, peer: ID) -> bool:
-        return peer.to_bytes() in {p for p, _ in self.my_mailboxes()}
+        return peer.to_bytes() in {p for p, _ in self.my_mailboxes(retired=True)}
 
     async def run(self) -> None:
         """Keep k mailboxes registered and collect from them: at start-up, on
@@ -175,9 +188,7 @@ class MailboxOwner:
     async def _register(self, info: PeerInfo) -> bool:
         public_key = bytes(self.mailbox_key.verify_key)
         start = int.from_bytes(self.random(6), "big")
-        work = await trio.to_thread.run_sync(
-            do_work, Op.REGISTER, self.mailbox_id, public_key, REGISTER_WORK_BITS, start
-        )
+        work = await prove(Op.REGISTER, self.mailbox_id, public_key, REGISTER_WORK_BITS, start)
         request = Request(Op.REGISTER, public_key=public_key, work=work)
         try:
             (reply,) = await call(self.host, info, [request])
@@ -200,31 +211,75 @@ class MailboxOwner:
     async def collect_mailboxes(self) -> int:
         """Fetch, store and then delete what our mailboxes hold for us."""
         total = 0
-        for peer_raw, addresses in self.my_mailboxes():
+        for peer_raw, addresses in self.my_mailboxes(retired=True):
             info = mailbox_peer(peer_raw, addresses)
             try:
-                total += await self._collect_from(info)
-                self.db.execute(
-                    "UPDATE my_mailboxes SET failures = 0 WHERE peer_id = ?", (peer_raw,)
-                )
+                collected, drained = await self._collect_from(info)
+                total += collected
+                self._collected(peer_raw, drained)
             except Exception as error:
                 log.info("collecting from mailbox %s failed: %s", info.peer_id, error)
-                self._failed(peer_raw, info)
+                self._failed(peer_raw, info, misbehaved=isinstance(error, MailboxFailure))
         return total
 
-    def _failed(self, peer_raw: bytes, info: PeerInfo) -> None:
+    def _collected(self, peer_raw: bytes, drained: bool) -> None:
+        now = int(self.clock())
         with self.db.transaction():
             self.db.execute(
-                "UPDATE my_mailboxes SET failures = failures + 1 WHERE peer_id = ?", (peer_raw,)
+                "UPDATE my_mailboxes SET failures = 0, failing_since = NULL WHERE peer_id = ?",
+                (peer_raw,),
             )
-            row = self.db.one("SELECT failures FROM my_mailboxes WHERE peer_id = ?", (peer_raw,))
-            if row is not None and row[0] >= MAILBOX_MAX_FAILURES:
+            if drained:
+                # A retired mailbox is let go once senders have had time to see
+                # our record without it and it holds nothing more for us.
+                self.db.execute(
+                    "DELETE FROM my_mailboxes WHERE peer_id = ? AND retired_at <= ?",
+                    (peer_raw, now - RETIRED_DRAIN_AFTER),
+                )
+
+    def _failed(self, peer_raw: bytes, info: PeerInfo, misbehaved: bool) -> None:
+        """A collection failed.  A mailbox that answers against the protocol is
+        dropped after three failures in a row (what it holds it does not give
+        us anyway); one that cannot be reached is retired only after failing
+        for MAILBOX_FAIL_INTERVALS intervals, and still collected from after."""
+        now = int(self.clock())
+        with self.db.transaction():
+            self.db.execute(
+                "UPDATE my_mailboxes SET failures = failures + 1,"
+                " failing_since = coalesce(failing_since, ?) WHERE peer_id = ?",
+                (now, peer_raw),
+            )
+            row = self.db.one(
+                "SELECT failures, failing_since, retired_at FROM my_mailboxes WHERE peer_id = ?",
+                (peer_raw,),
+            )
+            if row is None:
+                return
+            failures, failing_since, retired_at = row
+            if retired_at is not None:
+                if retired_at <= now - RETIRED_KEEP:  # all it held has expired there
+                    self.db.execute("DELETE FROM my_mailboxes WHERE peer_id = ?", (peer_raw,))
+                return
+            if failures < MAILBOX_MAX_FAILURES:
+                return
+            if misbehaved:
                 log.warning("mailbox %s keeps failing: replacing it", info.peer_id)
                 self.db.execute("DELETE FROM my_mailboxes WHERE peer_id = ?", (peer_raw,))
-                if len(self._shunned) < MAX_SHUNNED:
-                    self._shunned[peer_raw] = trio.current_time() + SHUN_FOR
-                self.republish()  # senders must stop depositing there
-                self.collect_now.set()
+            elif failing_since <= now - MAILBOX_FAIL_INTERVALS * self.interval:
+                log.warning(
+                    "mailbox %s keeps failing: replacing it (what it holds for us is still"
+                    " collected if it comes back)",
+                    info.peer_id,
+                )
+                self.db.execute(
+                    "UPDATE my_mailboxes SET retired_at = ? WHERE peer_id = ?", (now, peer_raw)
+                )
+            else:
+                return
+            if len(self._shunned) < MAX_SHUNNED:
+                self._shunned[peer_raw] = trio.current_time() + SHUN_FOR
+            self.republish()  # senders must stop depositing there
+            self.collect_now.set()
 
     async def _proven(self, info: PeerInfo, op: Op, items: tuple[bytes, ...] = ()) -> Response:
         """An owner-only request, signed over a fresh challenge."""
@@ -241,7 +296,8 @@ class MailboxOwner:
         (reply,) = await call(self.host, info, [request])
         return reply
 
-    async def _collect_from(self, info: PeerInfo) -> int:
+    async def _collect_from(self, info: PeerInfo) -> tuple[int, bool]:
+        """(envelopes stored, whether the mailbox has nothing more for us)."""
         collected = 0
         seen: set[bytes] = set()
         for _ in range(MAX_COLLECT_PAGES):
@@ -262,14 +318,14 @@ class MailboxOwner:
                     raise MailboxFailure(f"mailbox refused to delete: {deleted.error}")
             if not fetched.more:
                 await self._refill_prekeys(info, fetched.prekeys_left)
-                return collected
+                return collected, True
         self.collect_now.set()  # more is waiting: go on at once, after the other mailboxes
-        return collected
+        return collected, False
 
     async def _refill_prekeys(self, info: PeerInfo, left: int) -> None:
-        if left >= PREKEY_REFILL_BELOW:
-            return
         mailbox = info.peer_id.to_bytes()
+        if left >= PREKEY_REFILL_BELOW or not any(p == mailbox for p, _ in self.my_mailboxes()):
+            return  # enough, or a retired mailbox: senders no longer take prekeys there
         if self.prekeys.outstanding(mailbox) >= MAX_OUTSTANDING_PREKEYS:
             # Handed out faster than sessions start with them: someone is
             # draining them.  Senders fall back to three-DH X3DH meanwhile.

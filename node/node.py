@@ -18,6 +18,7 @@ and ends itself, never the daemon.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import os
 import time
@@ -51,7 +52,7 @@ from .contacts import Contact
 from .conversations import Accepted, Conversations
 from .delivery import ENVELOPE_PROTOCOL, Courier, EnvelopeService
 from .directory import DHT_PROTOCOL, Directory, guard_dht, make_dht_validator
-from .host import build_host, check_listening, close_host
+from .host import Wire, build_host, check_listening, close_host
 from .limits import (
     ENVELOPE_STREAMS,
     MAILBOX_STREAMS,
@@ -88,6 +89,7 @@ class NodeConfig:
     mailbox_limits: MailboxLimits = field(default_factory=MailboxLimits)
     downloads: Path | None = None  # where accepted files go: <home>/downloads if None
     ice_servers: list[IceServer] = field(default_factory=list)
+    wire: Wire | None = None  # what the TCP transport counts and lets through
 
 
 class Node:
@@ -104,7 +106,8 @@ class Node:
         self.clock = clock
         self.conversations = conv = Conversations(db, random, clock)
         self.contacts = conv.contacts
-        self.host: IHost = build_host(conv.device_seed, config.listen)
+        self.wire = config.wire or Wire()
+        self.host: IHost = build_host(conv.device_seed, config.listen, self.wire)
         self.dht = KadDHT(self.host, DHTMode.SERVER, strict_validation=True)
         make_dht_validator(self.dht, clock)
         # Before the host runs, so that no stream reaches the library's own handler.
@@ -133,7 +136,7 @@ class Node:
             self.host,
             self.dht,
             conv.prekeys,
-            self.accept,
+            functools.partial(self.accept, via="mailbox"),
             self.directory.republish,
             count=config.mailbox_count,
             interval=config.mailbox_interval,
@@ -174,6 +177,7 @@ class Node:
             await stack.enter_async_context(self.host.run(listen_addrs=listen))
             await check_listening(self.host, listen)
             await stack.enter_async_context(background_trio_service(self.dht))
+            stack.push_async_callback(self.wire.close_all)  # after the host is closed
             stack.push_async_callback(close_host, self.host)
             handlers = {
                 ENVELOPE_PROTOCOL: (self.envelopes.handle, ENVELOPE_STREAMS),
@@ -350,10 +354,10 @@ class Node:
         """Call ``listener`` for every new incoming message, after it is stored."""
         self._listeners.append(listener)
 
-    def accept(self, envelopes: list[bytes], peer: object) -> list[AckStatus]:
-        """Store envelopes that arrived directly or from our mailboxes."""
+    def accept(self, envelopes: list[bytes], peer: object, via: str = "direct") -> list[AckStatus]:
+        """Store envelopes that arrived directly or (``via="mailbox"``) from our mailboxes."""
         statuses = []
-        for result in self.conversations.accept_envelopes(envelopes):
+        for result in self.conversations.accept_envelopes(envelopes, via):
             if isinstance(result, PigeonError):
                 self.stats["refused"] += 1
                 REFUSALS.refused(peer, "peer=%s envelope refused", peer)
@@ -374,6 +378,16 @@ class Node:
 
     async def wait_for_messages(self) -> None:
         await self._new_messages.wait()
+
+    def metrics(self) -> dict[str, object]:
+        """Counters for monitoring and simulations (docs/CONTROL.md)."""
+        return {
+            "wire_sent": self.wire.sent,
+            "wire_received": self.wire.received,
+            "dht_lookups_ms": [round(ms, 2) for ms in self.directory.lookup_ms],
+            "connections": len(self.host.get_network().connections),
+            **self.stats,
+        }
 
     def status(self) -> dict[str, object]:
         mailbox: dict[str, object] = {}
@@ -397,10 +411,13 @@ class Node:
 
 def _webrtc_hosts(listen: list[str]) -> list[str] | None:
     """The addresses WebRTC offers as host candidates: a node that listens on
-    loopback only serves peers on this machine, so it offers 127.0.0.1 (which
-    aioice never gathers); any other node offers what aioice finds."""
-    hosts = {str(multiaddr.Multiaddr(a)).split("/")[2] for a in listen}
-    return ["127.0.0.1"] if hosts <= {"127.0.0.1"} else None
+    loopback only serves peers on this machine, so it offers its loopback
+    addresses (which aioice never gathers); any other node offers what aioice
+    finds."""
+    hosts = {ipaddress.ip_address(str(multiaddr.Multiaddr(a)).split("/")[2]) for a in listen}
+    if all(ip.is_loopback for ip in hosts):
+        return sorted(str(ip) for ip in hosts)
+    return None
 
 
 class _Connections(INotifee):

@@ -170,6 +170,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE messages ADD COLUMN transfer BLOB;
     ALTER TABLE contacts ADD COLUMN auto_accept_bytes INTEGER;
     """,
+    # version 7: how an incoming message reached us: 'direct' from the
+    # sender's device or 'mailbox' collected from one of our mailboxes.  A
+    # mailbox we stop using is retired, not forgotten: what senders left there
+    # before they saw our new record is still collected.
+    """
+    ALTER TABLE messages ADD COLUMN via TEXT;
+    ALTER TABLE my_mailboxes ADD COLUMN failing_since INTEGER;
+    ALTER TABLE my_mailboxes ADD COLUMN retired_at INTEGER;
+    """,
 ]
 
 

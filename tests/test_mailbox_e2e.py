@@ -85,6 +85,26 @@ def test_offline_delivery_survives_a_mailbox_killed_midway(net):
     )
 
 
+def test_a_mailbox_out_of_reach_for_a_while_is_kept(net):
+    """A 15-second partition in `pigeon sim` lost messages: three failed
+    collections in a row (seconds apart) made the owner drop a mailbox that
+    senders on the other side had just left messages with, and nothing ever
+    collected them.  Now a mailbox that cannot be reached is replaced only
+    after 20 collection intervals, and a replaced one is still collected."""
+    bob = net["bob"]
+    box = net["box0"]
+    peer, port = _peer_of(box), box.address.split("/")[4]
+    wait_for(lambda: peer in status(bob)["mailboxes"] and len(status(bob)["mailboxes"]) == 3, 60)
+    box.stop()
+    failed = f"collecting from mailbox {peer} failed"
+    wait_for(lambda: bob.log.read_text().count(failed) >= 5, timeout=30)
+    box.extra = [*BOX, "--listen", f"/ip4/127.0.0.1/tcp/{port}"]  # back where it was
+    box.start()
+    time.sleep(3)
+    assert peer in status(bob)["mailboxes"]
+    assert "keeps failing" not in bob.log.read_text()
+
+
 def _peer_of(daemon: Daemon) -> str:
     return str(daemon.id()["peer_id"])
 
