@@ -19,7 +19,7 @@ from typing import Any
 
 from pigeon.protocol import MAX_TEXT_BYTES, PigeonError, check_text
 
-from . import files
+from . import files, sim
 from .term import safe, safe_line
 
 
@@ -167,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="run three real nodes here (a bootstrap node, Alice and Bob) and show a conversation",
     )
+    sim.add_command(commands)
     return parser
 
 
@@ -465,6 +466,10 @@ def cmd_demo(home: Path, args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def cmd_sim(home: Path, args: argparse.Namespace) -> int:
+    return sim.cmd_sim(args)
+
+
 COMMANDS = {
     "init": cmd_init,
     "id": cmd_id,
@@ -480,6 +485,7 @@ COMMANDS = {
     "status": cmd_status,
     "stop": cmd_stop,
     "demo": cmd_demo,
+    "sim": cmd_sim,
 }
 
 

@@ -1,0 +1,81 @@
+"""How a simulation's cost grows with the number of nodes, all in one process.
+
+    python benchmarks/sim_scale.py [--json] [--sizes 25,50,100,200] [--out DIR]
+
+Each size is a `pigeon sim` run of its own (a fresh process, so peak memory
+is that run's): 30% churn, 5 messages per chatting node, max(3, N/25)
+mailbox peers, 60 seconds of workload.  Per size: wall_s (the workload and
+the wait for the last deliveries), setup_s (starting the nodes and
+exchanging contact codes), peak_rss_mb and rss_mb_per_node, cpu_s and
+cpu_s_per_node (this process and its proof-of-work worker),
+delivery_ratio, latency_p99_ms, dht_lookup_p99_ms.  The baseline is the
+smallest size of the same run: ``cpu_per_node_vs_smallest`` is each size's
+CPU per node over the smallest's (1.0 would be linear growth in total).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def run_size(nodes: int, out: Path) -> dict[str, Any]:
+    mailboxes = max(3, nodes // 25)
+    command = [
+        sys.executable, "-m", "pigeon.ui.cli", "sim", "--json",
+        "--nodes", str(nodes), "--mailboxes", str(mailboxes),
+        "--messages", str(5 * (nodes - mailboxes)), "--churn", "0.3",
+        "--duration", "60", "--settle", "300", "--seed", "1", "--out", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=7200)
+    if result.returncode not in (0, 3):
+        raise SystemExit(f"sim --nodes {nodes} failed: {result.stderr.strip()[-2000:]}")
+    report: dict[str, Any] = json.loads(result.stdout)
+    return {
+        "nodes": nodes,
+        "mailboxes": mailboxes,
+        "messages": report["messages_sent"],
+        "wall_s": report["wall_s"],
+        "setup_s": report["setup_s"],
+        "peak_rss_mb": report["peak_rss_mb"],
+        "rss_mb_per_node": round(report["peak_rss_mb"] / nodes, 2),
+        "cpu_s": report["cpu_s"],
+        "cpu_s_per_node": round(report["cpu_s"] / nodes, 2),
+        "delivery_ratio": report["delivery_ratio"],
+        "lost": report["lost"],
+        "duplicates": report["duplicates"],
+        "latency_p50_ms": report["latency_ms"]["p50"],
+        "latency_p99_ms": report["latency_ms"]["p99"],
+        "dht_lookup_p99_ms": report["dht_lookup_ms"]["p99"],
+        "bytes_per_message": report["bytes_per_message"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--sizes", default="25,50,100,200")
+    parser.add_argument("--out", help="keep each size's report and plots here")
+    args = parser.parse_args()
+    sizes = [int(size) for size in args.sizes.split(",")]
+    with tempfile.TemporaryDirectory(prefix="pigeon-scale-") as tmp:
+        root = Path(args.out or tmp)
+        results = []
+        for nodes in sizes:
+            results.append(run_size(nodes, root / f"n{nodes}"))
+            if not args.json:
+                print(json.dumps(results[-1]), flush=True)
+    base = results[0]["cpu_s_per_node"] or 1
+    for result in results:
+        result["cpu_per_node_vs_smallest"] = round(result["cpu_s_per_node"] / base, 2)
+    line = {"benchmark": "sim_scale", "sizes": results}
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()

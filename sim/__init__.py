@@ -1,0 +1,1 @@
+"""Many real nodes under churn, dead mailboxes and partitions (`pigeon sim`)."""

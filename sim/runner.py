@@ -1,0 +1,256 @@
+"""Carry out a plan on a fleet, and record what happened.
+
+The runner starts the mailbox peers (the others' bootstrap peers), then the
+other nodes, has every contact pair exchange contact codes, and plays the
+plan's timeline: sends, offline periods, mailbox kills, the partition.  A
+watcher reads what each running node stored, every half second, into
+``events.jsonl``.  After the timeline every node is online and the network
+whole again; the run waits (at most ``settle`` seconds) until every message
+sent has arrived, then reads each node's last arrivals and metrics.
+
+Only what the nodes themselves stored counts as delivered: a message is
+"sent" when its sender's node took it, "delivered" when the recipient's
+node stored it (its ``received_at`` on the recipient's clock).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import trio
+
+from .fleet import Arrival, Fleet
+from .scenario import Plan, message_id
+
+Progress = Callable[[str], None]
+STARTS_AT_ONCE = 8  # nodes started together (each start does a DHT bootstrap)
+
+
+@dataclass
+class Record:
+    """What the run saw, for the report."""
+
+    plan: Plan
+    sent: dict[str, float] = field(default_factory=dict)  # message -> wall time it was sent
+    failed: dict[str, str] = field(default_factory=dict)  # message -> why its node refused it
+    arrivals: dict[str, list[Arrival]] = field(default_factory=dict)
+    misdelivered: int = 0  # arrived at a node that was not its recipient
+    metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # message -> what its sender's node says of it, for each one not delivered
+    missing: dict[str, str] = field(default_factory=dict)
+    online: list[tuple[float, int]] = field(default_factory=list)  # (wall time, nodes online)
+    started_at: float = 0.0  # wall time the timeline began
+    ended_at: float = 0.0
+    setup_s: float = 0.0
+
+
+class Runner:
+    def __init__(self, plan: Plan, fleet: Fleet, events: TextIO, progress: Progress) -> None:
+        self.plan = plan
+        self.fleet = fleet
+        self.events = events
+        self.progress = progress
+        self.record = Record(plan)
+        self.up: set[int] = set()
+        self.dead: set[int] = set()
+        self.recipient = {s.id: s.recipient for s in plan.sends}
+        # One node's start, stop, sends and reads do not interleave.
+        self.locks = {node: trio.Lock() for node in range(len(plan.names))}
+
+    def log(self, event: str, **fields: Any) -> None:
+        now = time.time()
+        at = now - self.record.started_at if self.record.started_at else 0.0
+        line = {"t": round(at, 3), "time": round(now, 3), "event": event, **fields}
+        self.events.write(json.dumps(line) + "\n")
+
+    async def run(self, settle: float) -> Record:
+        setup = time.monotonic()
+        await self._start_all()
+        await self._exchange_codes()
+        self.record.setup_s = round(time.monotonic() - setup, 2)
+        self.record.started_at = time.time()
+        self.log("start", nodes=len(self.plan.names), online=len(self.up))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch)
+            await self._timeline()
+            self.progress("workload done; waiting for the last deliveries")
+            with trio.move_on_after(settle):
+                while self._delivered() < len(self.record.sent):
+                    await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+        for node in sorted(self.up):
+            await self._read(node)
+            self.record.metrics[node] = await self.fleet.metrics(node)
+        await self._explain_missing()
+        self.record.ended_at = time.time()
+        self.log("end", delivered=self._delivered(), sent=len(self.record.sent))
+        return self.record
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    async def _start_all(self) -> None:
+        plan = self.plan
+        first, *others = plan.mailboxes
+        await self._start(first)  # the first mailbox peer is everyone's way in
+        await self._many(self._start, [*others, *plan.users], "started")
+
+    async def _many(self, task: Callable[[Any], Any], items: list[Any], what: str) -> None:
+        limit = trio.CapacityLimiter(STARTS_AT_ONCE)
+        done = 0
+
+        async def one(item: Any) -> None:
+            nonlocal done
+            async with limit:
+                await task(item)
+            done += 1
+            self.progress(f"{what} {done}/{len(items)}")
+
+        async with trio.open_nursery() as nursery:
+            for item in items:
+                nursery.start_soon(one, item)
+
+    async def _start(self, node: int) -> None:
+        await self.fleet.start(node)
+        self.up.add(node)
+        self.record.online.append((time.time(), len(self.up)))
+
+    async def _exchange_codes(self) -> None:
+        async def pair(edge: tuple[int, int]) -> None:
+            a, b = edge
+            await self.fleet.add_contact(a, self.fleet.code(b))
+            await self.fleet.add_contact(b, self.fleet.code(a))
+
+        await self._many(pair, list(self.plan.contacts), "contact codes exchanged")
+
+    # -- the timeline ------------------------------------------------------------------------------
+
+    def _timeline_items(self) -> list[tuple[float, int, str, Any]]:
+        plan = self.plan
+        items: list[tuple[float, int, str, Any]] = []
+        for o in plan.offline:
+            items += [(o.start, 0, "offline", o.node), (o.end, 1, "online", o.node)]
+        for k in plan.kills:
+            items.append((k.at, 2, "kill", k.node))
+        if plan.partition is not None:
+            items.append((plan.partition.start, 3, "partition", plan.partition.side))
+            items.append((plan.partition.end, 4, "heal", None))
+        for s in plan.sends:
+            items.append((s.at, 5, "send", s))
+        return sorted(items, key=lambda item: (item[0], item[1]))
+
+    async def _timeline(self) -> None:
+        """Each event at its time, in a task of its own, so that a slow stop
+        delays nothing else; one node's events still happen in order."""
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for at, _, kind, arg in self._timeline_items():
+                await trio.sleep_until(start + at)
+                nursery.start_soon(self._event, kind, arg)
+
+    async def _event(self, kind: str, arg: Any) -> None:
+        if kind == "send":
+            async with self.locks[arg.sender]:
+                await self._send(arg)
+        elif kind == "offline" and arg not in self.dead:
+            async with self.locks[arg]:
+                await self._read(arg)
+                self.up.discard(arg)
+                self._online_now("offline", arg)
+                await self.fleet.stop(arg)
+        elif kind == "online" and arg not in self.dead:
+            async with self.locks[arg]:
+                await self._start(arg)
+            self.log("online", node=self.plan.names[arg], online=len(self.up))
+        elif kind == "kill":
+            async with self.locks[arg]:
+                self.up.discard(arg)
+                self.dead.add(arg)
+                self._online_now("kill", arg)
+                await self.fleet.kill(arg)
+        elif kind == "partition":
+            await self.fleet.split(set(arg))
+            self.log("partition", side=[self.plan.names[i] for i in arg])
+        elif kind == "heal":
+            await self.fleet.split(None)
+            self.log("heal")
+
+    def _online_now(self, event: str, node: int) -> None:
+        self.record.online.append((time.time(), len(self.up)))
+        self.log(event, node=self.plan.names[node], online=len(self.up))
+
+    async def _send(self, send: Any) -> None:
+        names = self.plan.names
+        fields = {"id": send.id, "from": names[send.sender], "to": names[send.recipient]}
+        if send.sender not in self.up:
+            # The plan only sends from nodes it has online; a node that failed
+            # to come back is the one way to get here.
+            self.record.failed[send.id] = "the sender's node was not running"
+            self.log("send_failed", reason=self.record.failed[send.id], **fields)
+            return
+        sent_at = time.time()
+        try:
+            await self.fleet.send(send.sender, send.recipient, send.text)
+        except Exception as error:
+            self.record.failed[send.id] = str(error)
+            self.log("send_failed", reason=str(error), **fields)
+            return
+        self.record.sent[send.id] = sent_at
+        self.log("send", **fields)
+
+    async def _explain_missing(self) -> None:
+        texts = {s.id: s for s in self.plan.sends}
+        for mid in sorted(set(self.record.sent) - set(self.record.arrivals)):
+            send = texts[mid]
+            if send.sender in self.up:
+                said = (await self.fleet.outgoing(send.sender)).get(send.text)
+                self.record.missing[mid] = said or "not in the sender's history"
+            else:
+                self.record.missing[mid] = "the sender's node is gone"
+            self.log("missing", id=mid, sender_says=self.record.missing[mid])
+
+    # -- watching ---------------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            for node in sorted(self.up):
+                async with self.locks[node]:
+                    if node in self.up:
+                        await self._read(node)
+            planned = max(1, len(self.plan.sends))
+            done = round(20 * self._delivered() / planned)
+            self.progress(
+                f"[{'#' * done}{'.' * (20 - done)}] {self._delivered()}/{len(self.plan.sends)}"
+                f" delivered, {len(self.record.sent)} sent, {len(self.up)}"
+                f"/{len(self.plan.names) - len(self.dead)} online,"
+                f" t={time.time() - self.record.started_at:.0f}s"
+            )
+            await trio.sleep(0.5)
+
+    async def _read(self, node: int) -> None:
+        for arrival in await self.fleet.arrivals(node):
+            mid = message_id(arrival.text)
+            if mid is None:
+                continue
+            if self.recipient.get(mid) != node:
+                self.record.misdelivered += 1
+                continue
+            copies = self.record.arrivals.setdefault(mid, [])
+            copies.append(arrival)
+            sent = self.record.sent.get(mid)
+            latency = None if sent is None else round((arrival.received_at - sent) * 1000, 1)
+            self.log(
+                "deliver",
+                id=mid,
+                to=self.plan.names[node],
+                via=arrival.via,
+                received_at=round(arrival.received_at, 3),
+                latency_ms=latency,
+                copy=len(copies),
+            )
+
+    def _delivered(self) -> int:
+        return len(self.record.arrivals)
