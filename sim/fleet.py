@@ -235,8 +235,9 @@ class LocalFleet:
         return Usage(round(peak / 1024, 1), round(cpu, 2))
 
     async def close(self) -> None:
-        for node in list(self.nodes):
-            await self.stop(node)
+        async with trio.open_nursery() as nursery:
+            for node in list(self.nodes):
+                nursery.start_soon(self.stop, node)
         for db in self.dbs.values():
             db.close()
         self.dbs.clear()

@@ -220,8 +220,9 @@ class ProcessFleet:
 
     async def close(self) -> None:
         try:
-            for node in list(self.processes):
-                await self.stop(node)
+            async with trio.open_nursery() as nursery:
+                for node in list(self.processes):
+                    nursery.start_soon(self.stop, node)
         finally:
             if self.namespaces is not None:
                 self.namespaces.remove()

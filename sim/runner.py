@@ -28,6 +28,7 @@ from .scenario import Plan, message_id
 
 Progress = Callable[[str], None]
 STARTS_AT_ONCE = 8  # nodes started together (each start does a DHT bootstrap)
+EXCHANGES_AT_ONCE = 32  # contact pairs exchanging codes together (each waits on lookups)
 
 
 @dataclass
@@ -96,10 +97,12 @@ class Runner:
         plan = self.plan
         first, *others = plan.mailboxes
         await self._start(first)  # the first mailbox peer is everyone's way in
-        await self._many(self._start, [*others, *plan.users], "started")
+        await self._many(self._start, [*others, *plan.users], "started", STARTS_AT_ONCE)
 
-    async def _many(self, task: Callable[[Any], Any], items: list[Any], what: str) -> None:
-        limit = trio.CapacityLimiter(STARTS_AT_ONCE)
+    async def _many(
+        self, task: Callable[[Any], Any], items: list[Any], what: str, at_once: int
+    ) -> None:
+        limit = trio.CapacityLimiter(at_once)
         done = 0
 
         async def one(item: Any) -> None:
@@ -124,7 +127,9 @@ class Runner:
             await self.fleet.add_contact(a, self.fleet.code(b))
             await self.fleet.add_contact(b, self.fleet.code(a))
 
-        await self._many(pair, list(self.plan.contacts), "contact codes exchanged")
+        await self._many(
+            pair, list(self.plan.contacts), "contact codes exchanged", EXCHANGES_AT_ONCE
+        )
 
     # -- the timeline ------------------------------------------------------------------------------
 

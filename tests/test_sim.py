@@ -12,7 +12,7 @@ from pigeon.sim.simulate import simulate
 
 
 def test_twenty_nodes_under_thirty_percent_churn_lose_nothing(tmp_path) -> None:
-    scenario = Scenario(nodes=20, mailboxes=3, messages=200, churn=0.3, seed=1, duration=40)
+    scenario = Scenario(nodes=20, mailboxes=3, messages=200, churn=0.3, seed=1, duration=30)
     report = simulate(scenario, tmp_path)
     check_lossless(report, tmp_path)
     assert report["nodes"] == 20 and report["mailboxes"] == 3
@@ -27,7 +27,7 @@ def test_twenty_nodes_under_thirty_percent_churn_lose_nothing(tmp_path) -> None:
 
 
 def test_the_same_seed_gives_the_same_workload_in_one_process_and_in_many(tmp_path) -> None:
-    scenario = Scenario(nodes=6, mailboxes=2, messages=15, churn=0.5, seed=42, duration=12)
+    scenario = Scenario(nodes=6, mailboxes=2, messages=15, churn=0.5, seed=42, duration=8)
     local = simulate(scenario, tmp_path / "local")
     processes = simulate(scenario, tmp_path / "processes", mode="processes")
     for out, report in ((tmp_path / "local", local), (tmp_path / "processes", processes)):
