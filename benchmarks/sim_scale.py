@@ -1,6 +1,6 @@
 """How a simulation's cost grows with the number of nodes, all in one process.
 
-    python benchmarks/sim_scale.py [--json] [--sizes 25,50,100,200] [--out DIR]
+    python benchmarks/sim_scale.py [--json] [--sizes 25,50,100,200] [--out DIR] [--plot PNG]
 
 Each size is a `pigeon sim` run of its own (a fresh process, so peak memory
 is that run's): 30% churn, 5 messages per chatting node, max(3, N/25)
@@ -56,11 +56,39 @@ def run_size(nodes: int, out: Path) -> dict[str, Any]:
     }
 
 
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """CPU and memory per node, and latency, against the number of nodes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nodes = [r["nodes"] for r in results]
+    fig, (cost, latency) = plt.subplots(1, 2, figsize=(10, 4))
+    cost.plot(nodes, [r["cpu_s_per_node"] for r in results], "o-", label="CPU s per node")
+    cost.plot(nodes, [r["rss_mb_per_node"] for r in results], "s-", label="peak RSS MB per node")
+    cost.set_xlabel("nodes (one process)")
+    cost.legend()
+    cost.grid(True, alpha=0.3)
+    latency.plot(nodes, [r["latency_p50_ms"] / 1000 for r in results], "o-", label="latency p50")
+    latency.plot(nodes, [r["latency_p99_ms"] / 1000 for r in results], "s-", label="latency p99")
+    latency.plot(nodes, [r["dht_lookup_p99_ms"] / 1000 for r in results], "^-", label="lookup p99")
+    latency.set_xlabel("nodes (one process)")
+    latency.set_ylabel("seconds")
+    latency.legend()
+    latency.grid(True, alpha=0.3)
+    fig.suptitle("pigeon sim: 30% churn, 5 messages per node")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--sizes", default="25,50,100,200")
     parser.add_argument("--out", help="keep each size's report and plots here")
+    parser.add_argument("--plot", metavar="PNG", help="draw cost and latency against size")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="pigeon-scale-") as tmp:
@@ -75,6 +103,8 @@ def main() -> None:
         result["cpu_per_node_vs_smallest"] = round(result["cpu_s_per_node"] / base, 2)
     line = {"benchmark": "sim_scale", "sizes": results}
     print(json.dumps(line))
+    if args.plot:
+        plot(results, Path(args.plot))
 
 
 if __name__ == "__main__":
