@@ -18,8 +18,6 @@ from .report import build, plot, summary
 from .runner import Runner
 from .scenario import Plan, Scenario, plan
 
-MODES = ("local", "processes", "netns")
-
 
 def simulate(
     scenario: Scenario,
@@ -74,4 +72,4 @@ async def _run(
     return report
 
 
-__all__ = ["MODES", "Scenario", "simulate", "summary"]
+__all__ = ["Scenario", "simulate", "summary"]
