@@ -21,6 +21,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import THandler
 from libp2p.io.abc import ReadWriteCloser
+from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.raw_connection import RawConnection
@@ -249,6 +250,10 @@ class Wire:
                     await stream.close()
 
 
+# Longest a write on a connection may wait for the peer to take it.
+WRITE_TIMEOUT = 20.0
+
+
 class _Metered(ReadWriteCloser):
     def __init__(self, inner: ReadWriteCloser, wire: Wire) -> None:
         self.inner = inner
@@ -262,7 +267,24 @@ class _Metered(ReadWriteCloser):
         return data
 
     async def write(self, data: bytes) -> None:
-        await self.inner.write(data)
+        """Write all of ``data``, even for a caller being cancelled.
+
+        What comes here is already encrypted: Noise numbers its messages, and
+        py-libp2p takes the number before it writes.  A write given up before
+        it began (cancelled waiting for the socket's lock) or half way leaves
+        the peer expecting a message that never comes, and every later one
+        fails authentication: the connection is lost, with every stream on it
+        (under load, hundreds a minute among 30 nodes).  So a write finishes,
+        or, when the peer takes nothing for ``WRITE_TIMEOUT``, the connection
+        is closed.
+        """
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + WRITE_TIMEOUT
+            await self.inner.write(data)
+        if scope.cancelled_caught:
+            with trio.CancelScope(shield=True):
+                await self.close()
+            raise ConnectionClosedError(f"the peer took nothing for {WRITE_TIMEOUT:g} s")
         self.wire.sent += len(data)
 
     async def close(self) -> None:
@@ -343,13 +365,29 @@ class _WireTCP(TCP):
         return super().create_listener(handler)
 
 
+# Connections a node keeps.  py-libp2p's defaults (100 to 300, and it dials
+# every peer it knows until it holds 200) make a full mesh of any network under
+# 200 nodes: each connection is a Noise handshake and an identify exchange at
+# both ends, and in a simulation of 100 nodes those alone saturate the loop.
+# The node dials towards the middle of these, prunes above the upper one
+# (never a contact's device or a mailbox of ours: ``Node.peer_connected``
+# protects them), and the DHT dials whom it asks regardless.
+CONNECTIONS_LOW = 8
+CONNECTIONS_HIGH = 32
+
+
 def build_host(device_seed: bytes, listen: list[str], wire: Wire | None = None) -> IHost:
     key_pair = create_new_key_pair(device_seed)
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     return new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
-        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        connection_config=ConnectionConfig(
+            max_connections_per_peer=1,
+            min_connections=CONNECTIONS_LOW,
+            low_watermark=CONNECTIONS_LOW,
+            high_watermark=CONNECTIONS_HIGH,
+        ),
         listen_addrs=listen_addresses(listen),
         transports=[_WireTCP(wire or Wire())],
     )
