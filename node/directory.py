@@ -2,8 +2,9 @@
 
 The validator is strict: a record must be signed by the identity whose ID the
 key names and must not be expired; ``select`` keeps the highest sequence.
-Lookups ask the network every time (py-libp2p answers from its local copy
-first, which may be stale) and keep the newest valid answer.
+A contact's record is asked of the contact itself first (``RECORD_PROTOCOL``),
+then of the DHT (py-libp2p answers from its local copy first, which may be
+stale, so a lookup asks the closest peers) and the newest valid answer kept.
 
 ``guard_dht`` puts limits around what py-libp2p's KadDHT serves to others.
 What the library lacks, and what is wrapped here: it serves at most 12 inbound
@@ -31,6 +32,7 @@ from contextvars import ContextVar
 
 import trio
 from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
 from libp2p.kad_dht import kad_dht as kad_dht_module
 from libp2p.kad_dht.common import PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import KadDHT
@@ -42,19 +44,37 @@ from libp2p.records.validator import Validator
 from multiaddr import Multiaddr
 
 from pigeon.protocol import DirectoryRecord, ProtocolError, dht_key
+from pigeon.protocol.frames import (
+    MAX_RECORD_ANSWER_FRAME,
+    MAX_RECORD_REQUEST_FRAME,
+    RecordAnswer,
+    RecordRequest,
+)
+from pigeon.protocol.keys import identity_id
 from pigeon.protocol.records import DHT_NAMESPACE, MAX_RECORD_SIZE, newest
 
 from .contacts import ContactBook, is_current, short_id
+from .framing import frame, read_frame, serve_frames
 from .limits import REFUSALS, Handler, RefusalLog, Slots, StreamLimit, refuse, reset
 
 log = logging.getLogger("pigeon.directory")
 LOOKUP_TIMEOUT = 10.0
+LOOKUP_AT_ONCE = 5  # closest peers asked for the record together
+LOOKUP_COPIES = 3  # copies from peers after which a lookup asks no more of them
+# A contact's record is looked up in the DHT at most this often while the one
+# we hold is current: a courier retrying an offline contact, and everything
+# else that wants the record meanwhile, is answered from what we hold.
+LOOKUP_AGAIN_AFTER = 60.0
 LOOKUP_SAMPLES = 1000  # lookups remembered for `metrics`
 # Our record is published again this often, with a new sequence number, to the
 # peers closest to its key.  A peer that lost it (evicted, restarted, or new
 # among the closest) holds it again within this time, and a lookup meanwhile
 # still finds it at the others and at our own node.
 REPUBLISH_EVERY = 10 * 60
+
+# A node's own record, asked of the node itself (docs/protocol/delivery.md).
+RECORD_PROTOCOL = TProtocol("/pigeon/record/1.0.0")
+ASK_TIMEOUT = 5.0  # seconds to dial a contact's device and have its answer
 
 DHT_PROTOCOL = PROTOCOL_ID  # the protocol guard_dht's handler serves
 
@@ -137,34 +157,41 @@ async def publish(dht: KadDHT, record: bytes, identity_key: bytes) -> None:
 
 
 async def lookup(dht: KadDHT, identity_key: bytes) -> list[bytes]:
-    """Every copy of the record we can find: local and from the closest peers."""
+    """Copies of the record: our local one, and those of the peers closest to
+    its key, asked nearest first, a few at a time, until ``LOOKUP_COPIES``
+    of them answered with one (a publisher stores it at all of the closest,
+    so more copies would mostly repeat these, at a request each)."""
     key = dht_key(identity_key)
     key_bytes = key.encode()
     found: list[bytes] = []
     local = dht.value_store.get(key_bytes)
     if local is not None:
         found.append(local.value)
+    copies = 0
+
+    async def ask(peer: ID) -> None:
+        nonlocal copies
+        try:
+            with trio.move_on_after(LOOKUP_TIMEOUT / 2):
+                result = await dht.value_store._get_from_peer(peer, key_bytes, return_record=True)
+                # A Record (return_record=True) or None, though typed as any of
+                # the method's return shapes.
+                value = getattr(result, "value", None)
+                if value:
+                    found.append(value)
+                    copies += 1
+        except Exception as error:  # a peer's failure is not ours
+            log.debug("lookup at %s failed: %s", peer, error)
+
     with trio.move_on_after(LOOKUP_TIMEOUT):
         peers = await dht.peer_routing.find_closest_peers_network(key_bytes)
-
-        async def ask(peer: ID) -> None:
-            try:
-                with trio.move_on_after(LOOKUP_TIMEOUT / 2):
-                    result = await dht.value_store._get_from_peer(
-                        peer, key_bytes, return_record=True
-                    )
-                    # A Record (return_record=True) or None, though typed as any of
-                    # the method's return shapes.
-                    value = getattr(result, "value", None)
-                    if value:
-                        found.append(value)
-            except Exception as error:  # a peer's failure is not ours
-                log.debug("lookup at %s failed: %s", peer, error)
-
-        async with trio.open_nursery() as nursery:
-            for peer in peers:
-                if peer != dht.local_peer_id:
+        peers = [peer for peer in peers if peer != dht.local_peer_id]
+        for start in range(0, len(peers), LOOKUP_AT_ONCE):
+            async with trio.open_nursery() as nursery:
+                for peer in peers[start : start + LOOKUP_AT_ONCE]:
                     nursery.start_soon(ask, peer)
+            if copies >= LOOKUP_COPIES:
+                break
     return found
 
 
@@ -301,6 +328,8 @@ class Directory:
         self.build_record = build_record
         self.clock = clock
         self._republish = trio.Event()
+        self._looked_up: dict[bytes, float] = {}  # key -> when its last lookup ended
+        self._looking: dict[bytes, trio.Event] = {}  # key -> set when its refresh ends
         # How long the latest lookups in the DHT took, for `metrics`.
         self.lookup_ms: collections.deque[float] = collections.deque(maxlen=LOOKUP_SAMPLES)
 
@@ -322,20 +351,40 @@ class Directory:
             log.warning("publishing the directory record failed: %s", error)
 
     async def refresh(self, key: bytes) -> DirectoryRecord | None:
-        """Ask the network for a contact's record; the newest we now hold.
+        """Find a contact's newest record; the newest we now hold.
 
-        When that is not current and we know where the contact's devices
-        were (its last record, its contact code), dial them and ask again:
-        a node holds its own record, and a node that just started may know no
-        other peer to ask.
+        First from the contact itself, over a connection we already have to
+        one of its devices (one request, and no copy is newer).  Without one,
+        when the record we hold is not current: by dialing where its devices
+        were (its last record, its contact code), since a node that just
+        started may be in no one's routing table yet.  Otherwise, or when
+        that fails, in the DHT, though not again within
+        ``LOOKUP_AGAIN_AFTER`` while what we hold is current.  Callers asking
+        while a refresh is under way wait for that one.
         """
-        await self._look_up(key)
-        contact = self.contacts.get(key)
-        if is_current(contact.record, self.clock()):
-            return contact.record
-        if await self._dial_known(key, contact.record):
-            await self._look_up(key)
-        return self.contacts.get(key).record
+        running = self._looking.get(key)
+        if running is not None:
+            await running.wait()
+            return self.contacts.get(key).record
+        done = self._looking[key] = trio.Event()
+        try:
+            if await self._ask_contact(key, dial=False):
+                return self.contacts.get(key).record
+            record = self.contacts.get(key).record
+            if not is_current(record, self.clock()) and await self._ask_contact(key, dial=True):
+                return self.contacts.get(key).record
+            last = self._looked_up.get(key)
+            if (
+                last is None
+                or trio.current_time() - last >= LOOKUP_AGAIN_AFTER
+                or not is_current(record, self.clock())
+            ):
+                await self._look_up(key)
+                self._looked_up[key] = trio.current_time()
+            return self.contacts.get(key).record
+        finally:
+            del self._looking[key]
+            done.set()
 
     async def _look_up(self, key: bytes) -> None:
         started = trio.current_time()
@@ -347,22 +396,57 @@ class Directory:
             except ProtocolError as error:
                 log.info("ignored a directory record for %s: %s", short_id(key), error)
 
-    async def _dial_known(self, key: bytes, record: DirectoryRecord | None) -> bool:
-        infos = [
-            PeerInfo(ID(device.certificate.peer_id), [Multiaddr(a) for a in device.addresses])
-            for device in (record.devices if record is not None else ())
-            if device.addresses
-        ]
+    async def _ask_contact(self, key: bytes, *, dial: bool) -> bool:
+        """Ask the contact's devices for its record: those we are connected
+        to, or (``dial``) every address we know.  Whether we now hold a
+        current record."""
+        record = self.contacts.get(key).record
+        where: dict[ID, list[Multiaddr]] = {}  # each device, with every address we know
+        for device in record.devices if record is not None else ():
+            addresses = where.setdefault(ID(device.certificate.peer_id), [])
+            addresses += [Multiaddr(a) for a in device.addresses]
         for hint in self.contacts.hint_addresses(key):
             with contextlib.suppress(Exception):
-                infos.append(info_from_p2p_addr(Multiaddr(hint)))
-        reached = False
-        for info in infos:
+                found = info_from_p2p_addr(Multiaddr(hint))
+                where.setdefault(found.peer_id, []).extend(found.addrs)
+        network = self.host.get_network()
+        for peer, addresses in where.items():
+            connected = bool(network.get_connections(peer))
+            if not connected and not (dial and addresses):
+                continue
+            info = PeerInfo(peer, addresses)
             try:
-                with trio.fail_after(5):
-                    await self.host.connect(info)
-                    await self.dht.add_peer(info.peer_id)
-                reached = True
+                with trio.fail_after(ASK_TIMEOUT):
+                    if not connected:
+                        await self.host.connect(info)
+                        await self.dht.add_peer(info.peer_id)
+                    stream = await self.host.new_stream(info.peer_id, [RECORD_PROTOCOL])
+                    try:
+                        await stream.write(frame(RecordRequest(identity_id(key)).encode()))
+                        answer = RecordAnswer.decode(
+                            await read_frame(stream, MAX_RECORD_ANSWER_FRAME, ASK_TIMEOUT)
+                        )
+                    finally:
+                        with trio.CancelScope(shield=True), trio.move_on_after(2):
+                            await stream.close()
+                if answer.record is not None:
+                    self.contacts.store_record(key, answer.record, int(self.clock()))
             except Exception as error:
-                log.debug("dial %s for a record failed: %s", info.peer_id, error)
-        return reached
+                log.debug("asking %s for its record failed: %s", info.peer_id, error)
+                continue
+            if is_current(self.contacts.get(key).record, self.clock()):
+                return True
+        return False
+
+    async def handle_record(self, stream: INetStream) -> None:
+        """Answer ``RECORD_PROTOCOL``: our record, to whoever names our identity
+        (what anyone who knows it can read in the DHT anyway)."""
+        mine = identity_id(self.identity_key)
+
+        def answer(data: bytes) -> bytes:
+            request = RecordRequest.decode(data)
+            return RecordAnswer(
+                self.build_record() if request.identity_id == mine else None
+            ).encode()
+
+        await serve_frames(stream, MAX_RECORD_REQUEST_FRAME, answer, "record")

@@ -77,6 +77,8 @@ PRESENCE_STREAMS = StreamLimit(per_peer=2, total=32)
 # the same mailbox; an owner collects on one stream at a time.  A mailbox
 # serves many people, hence the larger total (frames are bounded by the budget).
 MAILBOX_STREAMS = StreamLimit(per_peer=16, total=128)
+# A contact asks for our record now and then, one request at a time.
+RECORD_STREAMS = StreamLimit(per_peer=2, total=32)
 # A mailbox sends an owner at most one notice per 0.2 s.
 NOTIFY_STREAMS = StreamLimit(per_peer=4, total=32)
 

@@ -51,13 +51,14 @@ from pigeon.protocol.records import Device, MailboxEntry
 from .contacts import Contact
 from .conversations import Accepted, Conversations
 from .delivery import ENVELOPE_PROTOCOL, Courier, EnvelopeService
-from .directory import DHT_PROTOCOL, Directory, guard_dht, make_dht_validator
+from .directory import DHT_PROTOCOL, RECORD_PROTOCOL, Directory, guard_dht, make_dht_validator
 from .host import Wire, build_host, check_listening, close_host
 from .limits import (
     ENVELOPE_STREAMS,
     MAILBOX_STREAMS,
     NOTIFY_STREAMS,
     PRESENCE_STREAMS,
+    RECORD_STREAMS,
     REFUSALS,
     Admission,
 )
@@ -183,6 +184,7 @@ class Node:
                 ENVELOPE_PROTOCOL: (self.envelopes.handle, ENVELOPE_STREAMS),
                 PRESENCE_PROTOCOL: (self.presence.handle, PRESENCE_STREAMS),
                 NOTIFY_PROTOCOL: (self.owner.handle_notice, NOTIFY_STREAMS),
+                RECORD_PROTOCOL: (self.directory.handle_record, RECORD_STREAMS),
             }
             if self.mailbox is not None:
                 handlers[MAILBOX_PROTOCOL] = (self.mailbox.service.handle, MAILBOX_STREAMS)
@@ -315,12 +317,16 @@ class Node:
         self.transfers.contact_in_touch(key)
 
     async def peer_connected(self, peer: ID) -> None:
-        """A peer connected: a contact's queue goes now; a mailbox of ours is collected."""
+        """A peer connected: a contact's queue goes now; a mailbox of ours is
+        collected.  Neither connection is pruned when the node holds many."""
+        network = self.host.get_network()
         if self.owner.is_mailbox(peer):
+            network.protect(peer, "pigeon")
             self.owner.collect_now.set()
         key = self.contacts.for_peer(peer.to_bytes())
         if key is None:
             return
+        network.protect(peer, "pigeon")
         self.courier.wake(key, now=True)
         await self.presence.greet(peer)
 

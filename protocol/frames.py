@@ -1,5 +1,5 @@
-"""The node's own stream frames: delivery (Deliver, Ack), presence and the
-mailbox notice.  Each is one protobuf message, carried length-prefixed on a
+"""The node's own stream frames: delivery (Deliver, Ack), presence, the
+mailbox notice and the record request.  Each is one protobuf message, carried length-prefixed on a
 libp2p stream (docs/protocol/delivery.md); the node only moves them.  Counts
 and sizes are checked while parsing.  No I/O here.
 """
@@ -12,7 +12,9 @@ from enum import IntEnum
 from .crypto import sha256
 from .envelope import MAX_ENVELOPE
 from .errors import ProtocolError
+from .keys import IDENTITY_ID_SIZE
 from .mailbox import MAILBOX_ID_SIZE
+from .records import MAX_RECORD_SIZE
 from .wire import Fields, Writer
 
 MAX_BATCH = 128  # envelopes per Deliver frame, and entries per Ack
@@ -21,6 +23,8 @@ DIGEST_SIZE = 32
 MAX_ACK_FRAME = MAX_BATCH * 64
 MAX_PRESENCE_FRAME = 16
 MAX_NOTICE_FRAME = 64
+MAX_RECORD_REQUEST_FRAME = 32
+MAX_RECORD_ANSWER_FRAME = MAX_RECORD_SIZE + 16
 
 
 class AckStatus(IntEnum):
@@ -118,3 +122,34 @@ class MailboxNotice:
     @classmethod
     def decode(cls, data: bytes) -> MailboxNotice:
         return cls(Fields(data).bytes_(1, size=MAILBOX_ID_SIZE))
+
+
+@dataclass(frozen=True)
+class RecordRequest:
+    """ "Your directory record, if you are this identity" (its 20-byte ID)."""
+
+    identity_id: bytes
+
+    def encode(self) -> bytes:
+        return Writer().bytes_(1, self.identity_id).finish()
+
+    @classmethod
+    def decode(cls, data: bytes) -> RecordRequest:
+        return cls(Fields(data).bytes_(1, size=IDENTITY_ID_SIZE))
+
+
+@dataclass(frozen=True)
+class RecordAnswer:
+    """The asked identity's signed directory record, or nothing when the
+    node answering is not that identity.  Checked by whoever asked, as a
+    record found in the DHT is."""
+
+    record: bytes | None
+
+    def encode(self) -> bytes:
+        return Writer().bytes_(1, self.record or b"").finish()
+
+    @classmethod
+    def decode(cls, data: bytes) -> RecordAnswer:
+        record = Fields(data).bytes_(1, required=False, max_size=MAX_RECORD_SIZE)
+        return cls(record or None)

@@ -74,7 +74,16 @@ from pigeon.protocol import (
 from pigeon.protocol.contact import validate_name
 from pigeon.protocol.crypto import aead_encrypt, hkdf, x25519, x25519_keypair
 from pigeon.protocol.envelope import BUCKETS, pad
-from pigeon.protocol.frames import Ack, AckEntry, AckStatus, Deliver, MailboxNotice, Presence
+from pigeon.protocol.frames import (
+    Ack,
+    AckEntry,
+    AckStatus,
+    Deliver,
+    MailboxNotice,
+    Presence,
+    RecordAnswer,
+    RecordRequest,
+)
 from pigeon.protocol.mailbox import DepositToken, Item, Op, Request, Response
 from pigeon.protocol.records import MailboxEntry
 from pigeon.protocol.wire import Fields, Writer, decode_varint, encode_varint
@@ -487,6 +496,20 @@ def _build_samples() -> dict[str, Sample]:
             MailboxNotice(b"n" * 16).encode(),
             None,
             STRICT,
+            protobuf_prefix=b"",
+        ),
+        "record request frame": Sample(
+            RecordRequest.decode,
+            RecordRequest(b"i" * 20).encode(),
+            None,
+            STRICT,
+            protobuf_prefix=b"",
+        ),
+        "record answer frame": Sample(
+            RecordAnswer.decode,
+            RecordAnswer(b"r" * 300).encode(),
+            0,
+            "an empty frame says 'not this identity'",
             protobuf_prefix=b"",
         ),
         "mailbox request, deposit": Sample(

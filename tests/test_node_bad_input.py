@@ -20,6 +20,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.records.validator import Validator
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
@@ -28,7 +29,8 @@ from libp2p.tools.anyio_service import background_trio_service
 from daemons import PASSPHRASE, Daemon, wait_for
 from pigeon.node.control import MAX_REQUEST
 from pigeon.node.delivery import ENVELOPE_PROTOCOL
-from pigeon.node.framing import frame
+from pigeon.node.directory import RECORD_PROTOCOL
+from pigeon.node.framing import frame, read_frame
 from pigeon.node.host import build_host, close_host
 from pigeon.node.storage import Database
 from pigeon.protocol import (
@@ -41,6 +43,7 @@ from pigeon.protocol import (
     Text,
     seal,
 )
+from pigeon.protocol.frames import MAX_RECORD_ANSWER_FRAME, RecordAnswer, RecordRequest
 from pigeon.protocol.wire import Fields, Writer, encode_varint
 
 pytestmark = pytest.mark.slow
@@ -268,7 +271,7 @@ def test_junk_on_the_control_socket(pair):
     assert "control client sent junk" in log_of(bob)
 
 
-def test_garbage_on_the_presence_and_dht_protocols(pair):
+def test_garbage_on_the_presence_record_and_dht_protocols(pair):
     _, bob = pair
     address = bob.address
 
@@ -286,8 +289,34 @@ def test_garbage_on_the_presence_and_dht_protocols(pair):
             finally:
                 await close_host(host)
 
-    for protocol in ("/pigeon/presence/1.0.0", "/ipfs/kad/1.0.0"):
+    for protocol in ("/pigeon/presence/1.0.0", "/pigeon/record/1.0.0", "/ipfs/kad/1.0.0"):
         for data in (os.urandom(64), encode_varint(10**9) + b"x", b"\x05\x08\x01"):
             trio.run(send_garbage, protocol, data)
             assert healthy(bob), protocol
     wait_for(lambda: "bad presence frame" in log_of(bob), timeout=5)
+    wait_for(lambda: "bad record frame" in log_of(bob), timeout=5)
+
+
+def test_a_node_gives_its_record_only_to_whoever_names_its_identity(pair):
+    _, bob = pair
+    code = ContactCode.parse(bob.id()["contact_code"])
+
+    async def ask(identity: bytes) -> RecordAnswer:
+        host = build_host(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"])
+        async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            try:
+                info = info_from_p2p_addr(multiaddr.Multiaddr(bob.address))
+                await host.connect(info)
+                stream = await host.new_stream(info.peer_id, [RECORD_PROTOCOL])
+                await stream.write(frame(RecordRequest(identity).encode()))
+                return RecordAnswer.decode(await read_frame(stream, MAX_RECORD_ANSWER_FRAME, 5))
+            finally:
+                await close_host(host)
+
+    assert trio.run(ask, os.urandom(20)).record is None
+    answer = trio.run(ask, code.identity_id)
+    assert answer.record is not None
+    record = DirectoryRecord.verify(
+        answer.record, now=int(time.time()), identity_key=code.identity_key
+    )
+    assert bob.address.endswith(str(ID(record.devices[0].certificate.peer_id)))

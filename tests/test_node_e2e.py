@@ -187,3 +187,18 @@ def test_kill_9_of_the_receiver_loses_no_acknowledged_message(network):
     # the rest arrive through retries, each exactly once and in order
     wait_for(lambda: len(texts(bob, "in")) == total, timeout=60)
     assert texts(bob, "in") == [f"burst {i}" for i in range(total)]
+
+
+def test_a_reachable_contact_gives_its_record_itself(network):
+    """Adding a contact whose node is up, and writing to it, takes no DHT
+    lookup: its record comes from its own node, over one request."""
+    alice, bob = network["alice"], network["bob"]
+    befriend(alice, bob)
+    alice.cli("send", "bob", "straight to you")
+    wait_for(lambda: texts(bob, "in") == ["straight to you"])
+    for daemon in (alice, bob):
+        client = Client(daemon.home)
+        try:
+            assert client.request("metrics")["dht_lookups_ms"] == [], daemon.name
+        finally:
+            client.close()

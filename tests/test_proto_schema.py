@@ -70,6 +70,8 @@ from pigeon.protocol.frames import (
     Deliver,
     MailboxNotice,
     Presence,
+    RecordAnswer,
+    RecordRequest,
     digest,
 )
 from pigeon.protocol.mailbox import (
@@ -577,6 +579,23 @@ def _(schema: Schema) -> Sample:
 @sample("MailboxNotice")
 def _(schema: Schema) -> Sample:
     return codec_sample("MailboxNotice", MailboxNotice(BOX), {"mailbox_id": BOX})
+
+
+@sample("RecordRequest")
+def _(schema: Schema) -> Sample:
+    wanted = ALICE.identity_id
+    return codec_sample("RecordRequest", RecordRequest(wanted), {"identity_id": wanted})
+
+
+@sample("RecordAnswer: a record")
+def _(schema: Schema) -> Sample:
+    record = b"\x0a\x01r" * 9  # opaque here: DirectoryRecord has samples of its own
+    return codec_sample("RecordAnswer", RecordAnswer(record), {"record": record})
+
+
+@sample("RecordAnswer: not this identity")
+def _(schema: Schema) -> Sample:
+    return codec_sample("RecordAnswer", RecordAnswer(None), {"record": None})
 
 
 # -- file transfer: the data-channel messages ------------------------------------
