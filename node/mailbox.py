@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import struct
 from collections import OrderedDict
@@ -170,6 +171,12 @@ async def deposit(
     return stored, refusals
 
 
+# A mailbox peer announces itself in the DHT at start and then this often (each
+# time a lookup and a request to each of the 20 peers closest to the key, who
+# keep it for 48 hours); expired envelopes are deleted every minute.
+PROVIDE_EVERY = 10 * 60
+
+
 class MailboxPeer:
     """The mailbox role (``--mailbox``): answer requests, advertise in the
     DHT, expire old envelopes, and tell a connected owner when one arrives."""
@@ -196,11 +203,16 @@ class MailboxPeer:
         self._pushing: OrderedDict[object, float] = OrderedDict()
 
     async def run(self) -> None:
+        provided, known = -math.inf, 0
         while True:
-            try:
-                await self.dht.provide(PROVIDER_KEY)
-            except Exception as error:
-                log.warning("advertising the mailbox failed: %s", error)
+            # again sooner while we knew fewer peers than hold it (at start: none)
+            peers = self.dht.get_routing_table_size()
+            if trio.current_time() - provided >= PROVIDE_EVERY or known < min(peers, 20):
+                try:
+                    await self.dht.provide(PROVIDER_KEY)
+                    provided, known = trio.current_time(), peers
+                except Exception as error:
+                    log.warning("advertising the mailbox failed: %s", error)
             expired = self.store.expire(int(self.clock()))
             if expired:
                 log.info("deleted %d expired envelopes", expired)
