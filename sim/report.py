@@ -27,6 +27,15 @@ def build(record: Record, usage: Usage, mode: str) -> dict[str, Any]:
         for mid, copies in record.arrivals.items()
         if mid in record.sent
     ]
+    # From when the recipient could be reached (its node running, the
+    # network whole): how long delivery itself took, churn aside.
+    sends = {send.id: send for send in plan.sends}
+    reachable = []
+    for mid, copies in record.arrivals.items():
+        if mid in record.sent:
+            send = sends[mid]
+            since = record.reachable_from(send.sender, send.recipient, record.sent[mid])
+            reachable.append(max(0.0, copies[0].received_at - since) * 1000)
     lookups = [float(ms) for m in record.metrics.values() for ms in m.get("dht_lookups_ms", [])]
     wire = {
         plan.names[node]: int(m.get("wire_sent", 0)) + int(m.get("wire_received", 0))
@@ -65,6 +74,12 @@ def build(record: Record, usage: Usage, mode: str) -> dict[str, Any]:
             "p99": percentile(latencies, 99),
             "max": round(max(latencies), 1) if latencies else None,
         },
+        "latency_reachable_ms": {
+            "p50": percentile(reachable, 50),
+            "p90": percentile(reachable, 90),
+            "p99": percentile(reachable, 99),
+            "max": round(max(reachable), 1) if reachable else None,
+        },
         "via_mailbox": sum(
             1 for mid, c in record.arrivals.items() if mid in record.sent and c[0].via == "mailbox"
         ),
@@ -88,6 +103,7 @@ def build(record: Record, usage: Usage, mode: str) -> dict[str, Any]:
 
 def summary(report: dict[str, Any], out: Path) -> str:
     lat = report["latency_ms"]
+    rea = report["latency_reachable_ms"]
     dht = report["dht_lookup_ms"]
     ratio = report["delivery_ratio"]
     lines = [
@@ -98,6 +114,8 @@ def summary(report: dict[str, Any], out: Path) -> str:
         f"  (delivery ratio {ratio if ratio is not None else '-'})",
         f"  latency    p50 {_ms(lat['p50'])}  p90 {_ms(lat['p90'])}  p99 {_ms(lat['p99'])}"
         f"  max {_ms(lat['max'])}   (send to the recipient's inbox)",
+        f"             p50 {_ms(rea['p50'])}  p90 {_ms(rea['p90'])}  p99 {_ms(rea['p99'])}"
+        f"  max {_ms(rea['max'])}   (from when the recipient could be reached)",
         f"  mailboxes  {report['via_mailbox']} message(s) arrived through a mailbox",
         f"  DHT        {report['dht_lookups']} lookups, p50 {_ms(dht['p50'])}"
         f"  p99 {_ms(dht['p99'])}",

@@ -16,6 +16,7 @@ node stored it (its ``received_at`` on the recipient's clock).
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,9 +45,30 @@ class Record:
     # message -> what its sender's node says of it, for each one not delivered
     missing: dict[str, str] = field(default_factory=dict)
     online: list[tuple[float, int]] = field(default_factory=list)  # (wall time, nodes online)
+    # node -> wall times it stopped (or was killed) and started again, in order
+    downs: dict[int, list[float]] = field(default_factory=dict)
+    ups: dict[int, list[float]] = field(default_factory=dict)
+    split: tuple[float, float] | None = None  # wall times the partition began and healed
     started_at: float = 0.0  # wall time the timeline began
     ended_at: float = 0.0
     setup_s: float = 0.0
+
+    def reachable_from(self, sender: int, recipient: int, sent: float) -> float:
+        """When a message sent at ``sent`` could first reach its recipient:
+        once the recipient's node was running again, and once the network
+        was whole again when the partition kept the two apart."""
+        at = sent
+        downs = [t for t in self.downs.get(recipient, []) if t <= sent]
+        ups = [t for t in self.ups.get(recipient, []) if t <= sent]
+        if downs and (not ups or downs[-1] > ups[-1]):  # stopped when it was sent
+            at = min((t for t in self.ups.get(recipient, []) if t > sent), default=math.inf)
+        partition = self.plan.partition
+        if self.split is not None and partition is not None:
+            began, healed = self.split
+            apart = (sender in partition.side) != (recipient in partition.side)
+            if apart and began <= sent < healed:
+                at = max(at, healed)
+        return at
 
 
 class Runner:
@@ -119,6 +141,7 @@ class Runner:
     async def _start(self, node: int) -> None:
         await self.fleet.start(node)
         self.up.add(node)
+        self.record.ups.setdefault(node, []).append(time.time())
         self.record.online.append((time.time(), len(self.up)))
 
     async def _exchange_codes(self) -> None:
@@ -178,12 +201,16 @@ class Runner:
                 await self.fleet.kill(arg)
         elif kind == "partition":
             await self.fleet.split(set(arg))
+            self.record.split = (time.time(), math.inf)
             self.log("partition", side=[self.plan.names[i] for i in arg])
         elif kind == "heal":
             await self.fleet.split(None)
+            if self.record.split is not None:
+                self.record.split = (self.record.split[0], time.time())
             self.log("heal")
 
     def _online_now(self, event: str, node: int) -> None:
+        self.record.downs.setdefault(node, []).append(time.time())
         self.record.online.append((time.time(), len(self.up)))
         self.log(event, node=self.plan.names[node], online=len(self.up))
 

@@ -145,3 +145,29 @@ def test_report_counts_what_arrived_not_what_was_sent() -> None:
     assert report["bytes_per_message"] == 600
     assert report["undelivered"] == [sends[3].id]
     assert report["schedule_sha256"] == p.digest()
+
+
+def test_latency_from_reachable_counts_from_when_the_recipient_was_back() -> None:
+    p = plan(Scenario(nodes=8, mailboxes=1, messages=4, contacts=2, churn=0, duration=60))
+    late, prompt = p.sends[0], next(s for s in p.sends if s.recipient != p.sends[0].recipient)
+    record = Record(p, started_at=1000.0, ended_at=1100.0)
+    record.sent = {late.id: 1010.0, prompt.id: 1010.0}
+    record.ups = {late.recipient: [990.0, 1030.0]}  # stopped at 1005, back at 1030
+    record.downs = {late.recipient: [1005.0]}
+    record.arrivals[late.id] = [Arrival(late.recipient, late.text, 1031.0, "mailbox")]
+    record.arrivals[prompt.id] = [Arrival(prompt.recipient, prompt.text, 1010.5, "direct")]
+    report = build(record, Usage(1.0, 1.0), "local")
+    assert report["latency_ms"]["max"] == 21000  # send to inbox
+    assert report["latency_reachable_ms"]["max"] == 1000  # back at 1030, stored at 1031
+    assert report["latency_reachable_ms"]["p50"] == 500
+
+
+def test_a_partition_makes_the_other_side_unreachable_until_it_heals() -> None:
+    p = plan(Scenario(nodes=8, mailboxes=1, messages=4, contacts=2, duration=60, partition=20))
+    assert p.partition is not None
+    inside = p.partition.side[0]
+    outside = next(n for n in range(8) if n not in p.partition.side)
+    record = Record(p, split=(1000.0, 1020.0))
+    assert record.reachable_from(inside, outside, 1010.0) == 1020.0
+    assert record.reachable_from(inside, p.partition.side[1], 1010.0) == 1010.0
+    assert record.reachable_from(inside, outside, 1025.0) == 1025.0
