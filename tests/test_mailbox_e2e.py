@@ -105,6 +105,61 @@ def test_a_mailbox_out_of_reach_for_a_while_is_kept(net):
     assert "keeps failing" not in bob.log.read_text()
 
 
+def test_a_retired_mailbox_is_still_drained(net, tmp_path: Path):
+    """A mailbox out of reach long enough is replaced, but senders who still
+    hold the old record (on the far side of a partition, say) leave messages
+    there: the owner keeps collecting from it when it comes back, until it
+    holds nothing for us."""
+    bob, box = net["bob"], net["box0"]
+    peer, port = _peer_of(box), box.address.split("/")[4]
+    wait_for(lambda: peer in status(bob)["mailboxes"] and len(status(bob)["mailboxes"]) == 3, 60)
+    spare = Daemon(tmp_path, "box3", [net["boot"].address], BOX).start()
+    try:
+        _drained_after_retiring(bob, box, peer, port, spare)
+    finally:
+        spare.stop()
+
+
+def _drained_after_retiring(bob: Daemon, box: Daemon, peer: str, port: str, spare: Daemon) -> None:
+    box.stop()
+    wait_for(lambda: "replacing it (what it holds" in bob.log.read_text(), timeout=60)
+    # the spare takes its place: Bob has three mailboxes again, none of them box0
+    wait_for(lambda: _peer_of(spare) in status(bob)["mailboxes"], timeout=60)
+    assert peer not in status(bob)["mailboxes"] and len(status(bob)["mailboxes"]) == 3
+    bob.stop()
+    box.extra = [*BOX, "--listen", f"/ip4/127.0.0.1/tcp/{port}"]  # back where it was
+    box.start()
+    db = Database.open(bob.home, PASSPHRASE)
+    try:
+        seed = db.get_meta("mailbox_seed")
+    finally:
+        db.close()
+    key = SigningKey(seed)
+
+    async def deposit() -> None:  # what a sender holding Bob's old record does
+        host = build_host(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"])
+        async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            try:
+                request = Request(
+                    Op.DEPOSIT,
+                    mailbox_id(bytes(key.verify_key)),
+                    envelope=os.urandom(1024),
+                    token=deposit_token(key),
+                )
+                (reply,) = await call(
+                    host, info_from_p2p_addr(multiaddr.Multiaddr(box.address)), [request]
+                )
+                assert reply.ok, reply.error
+            finally:
+                await close_host(host)
+
+    trio.run(deposit)
+    held = lambda: sum(int(u["messages"]) for u in status(box)["mailbox_serving"])  # noqa: E731
+    assert held() == 1
+    bob.start()
+    wait_for(lambda: held() == 0, 60)
+
+
 def _peer_of(daemon: Daemon) -> str:
     return str(daemon.id()["peer_id"])
 
