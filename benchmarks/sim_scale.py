@@ -8,7 +8,8 @@ mailbox peers, 60 seconds of workload.  Per size: wall_s (the workload and
 the wait for the last deliveries), setup_s (starting the nodes and
 exchanging contact codes), peak_rss_mb and rss_mb_per_node, cpu_s and
 cpu_s_per_node (this process and its proof-of-work worker),
-delivery_ratio, latency_p99_ms, dht_lookup_p99_ms.  The baseline is the
+delivery_ratio, latency_p99_ms (send to inbox), latency_reachable_p99_ms
+(from when the recipient could be reached), dht_lookup_p99_ms.  The baseline is the
 smallest size of the same run: ``cpu_per_node_vs_smallest`` is each size's
 CPU per node over the smallest's (1.0 would be linear growth in total).
 """
@@ -51,6 +52,7 @@ def run_size(nodes: int, out: Path) -> dict[str, Any]:
         "duplicates": report["duplicates"],
         "latency_p50_ms": report["latency_ms"]["p50"],
         "latency_p99_ms": report["latency_ms"]["p99"],
+        "latency_reachable_p99_ms": report["latency_reachable_ms"]["p99"],
         "dht_lookup_p99_ms": report["dht_lookup_ms"]["p99"],
         "bytes_per_message": report["bytes_per_message"],
     }
@@ -72,6 +74,12 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     cost.grid(True, alpha=0.3)
     latency.plot(nodes, [r["latency_p50_ms"] / 1000 for r in results], "o-", label="latency p50")
     latency.plot(nodes, [r["latency_p99_ms"] / 1000 for r in results], "s-", label="latency p99")
+    latency.plot(
+        nodes,
+        [r["latency_reachable_p99_ms"] / 1000 for r in results],
+        "d-",
+        label="latency p99 from reachable",
+    )
     latency.plot(nodes, [r["dht_lookup_p99_ms"] / 1000 for r in results], "^-", label="lookup p99")
     latency.set_xlabel("nodes (one process)")
     latency.set_ylabel("seconds")
