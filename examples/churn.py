@@ -10,5 +10,6 @@ from pathlib import Path
 from pigeon.sim.scenario import Scenario
 from pigeon.ui.sim import run_and_print
 
-scenario = Scenario(nodes=30, mailboxes=3, messages=300, churn=0.3, seed=1, duration=60)
-sys.exit(run_and_print(scenario, Path(sys.argv[1] if sys.argv[1:] else "sim-out/churn")))
+if __name__ == "__main__":  # a spawned worker process imports this file again
+    scenario = Scenario(nodes=30, mailboxes=3, messages=300, churn=0.3, seed=1, duration=60)
+    sys.exit(run_and_print(scenario, Path(sys.argv[1] if sys.argv[1:] else "sim-out/churn")))

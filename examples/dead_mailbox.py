@@ -11,7 +11,8 @@ from pathlib import Path
 from pigeon.sim.scenario import Scenario
 from pigeon.ui.sim import run_and_print
 
-scenario = Scenario(
-    nodes=12, mailboxes=3, messages=80, churn=0.5, kill_mailboxes=1, seed=3, duration=40
-)
-sys.exit(run_and_print(scenario, Path(sys.argv[1] if sys.argv[1:] else "sim-out/dead-mailbox")))
+if __name__ == "__main__":  # a spawned worker process imports this file again
+    scenario = Scenario(
+        nodes=12, mailboxes=3, messages=80, churn=0.5, kill_mailboxes=1, seed=3, duration=40
+    )
+    sys.exit(run_and_print(scenario, Path(sys.argv[1] if sys.argv[1:] else "sim-out/dead-mailbox")))

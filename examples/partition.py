@@ -12,5 +12,8 @@ from pathlib import Path
 from pigeon.sim.scenario import Scenario
 from pigeon.ui.sim import run_and_print
 
-scenario = Scenario(nodes=12, mailboxes=3, messages=80, churn=0, partition=20, seed=1, duration=45)
-sys.exit(run_and_print(scenario, Path(sys.argv[1] if sys.argv[1:] else "sim-out/partition")))
+if __name__ == "__main__":  # a spawned worker process imports this file again
+    scenario = Scenario(
+        nodes=12, mailboxes=3, messages=80, churn=0, partition=20, seed=1, duration=45
+    )
+    sys.exit(run_and_print(scenario, Path(sys.argv[1] if sys.argv[1:] else "sim-out/partition")))
