@@ -427,16 +427,31 @@ def test_messages_larger_than_the_peer_accepts_are_refused_here():
     trio.run(scenario)
 
 
-def test_host_addresses_are_one_choice_per_process():
+def candidate_addresses(sdp: str) -> set[str]:
+    return {line.split()[4] for line in sdp.splitlines() if line.startswith("a=candidate:")}
+
+
+def test_each_webrtc_thread_offers_its_own_host_addresses():
+    """Nodes in one process (a simulation) each offer their own address, at
+    the same time, and a thread without a choice gets aioice's own."""
     own = aioice.ice.get_host_addresses
 
     async def scenario():
-        async with RtcThread(host_addresses=HOSTS), RtcThread(host_addresses=HOSTS):
-            assert aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True) == HOSTS
-            for other in (None, [], ["::1"]):
-                with pytest.raises(RtcError, match="other host addresses"):
-                    async with RtcThread(host_addresses=other):
-                        pass
+        async with (
+            RtcThread(host_addresses=["127.0.0.2"]) as a,
+            RtcThread(host_addresses=["127.0.0.3"]) as b,
+            RtcThread() as anywhere,
+        ):
+            dialing_a, offer = await a.offer()
+            dialing_b, answer = await b.answer(offer)
+            assert candidate_addresses(offer) == {"127.0.0.2"}
+            assert candidate_addresses(answer) == {"127.0.0.3"}
+            await dialing_a.accept_answer(answer)
+            one, other = await dialing_a.connected(10), await dialing_b.connected(10)
+            await one.send(b"from 127.0.0.2")
+            assert await other.receive() == b"from 127.0.0.2"
+            _, elsewhere = await anywhere.offer()
+            assert candidate_addresses(elsewhere) == set(own(use_ipv4=True, use_ipv6=True))
         assert aioice.ice.get_host_addresses is own
         with pytest.raises(RtcError, match="not an IP address"):
             RtcThread(host_addresses=["localhost"])

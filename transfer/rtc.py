@@ -124,55 +124,45 @@ def _one_line(exc: BaseException) -> str:
 
 
 class _HostAddresses:
-    """The process-wide choice of addresses aioice gathers host candidates from.
+    """Which local addresses aioice gathers host candidates from, per WebRTC thread.
 
     aioice never gathers 127.0.0.1 and offers no option to choose addresses, so a
     choice means replacing ``aioice.ice.get_host_addresses``, the module global
-    ``Connection.gather_candidates`` calls (aioice 0.13).  That is global to the
-    process, so every :class:`RtcThread` alive at once must make the same choice;
-    aioice's own function is put back when the last one ends.
+    ``Connection.gather_candidates`` calls (aioice 0.13) on the thread of the
+    loop that gathers.  The replacement answers for the thread asking: each
+    :class:`RtcThread` registers its own choice for its own thread, so nodes
+    in one process (a simulation) can each offer their own address, and a
+    thread with no choice gets aioice's own answer.  aioice's function is put
+    back when the last thread ends.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._users = 0
-        self._addresses: tuple[str, ...] | None = None
+        self._by_thread: dict[threading.Thread, tuple[str, ...] | None] = {}
         self._original = aioice.ice.get_host_addresses
 
-    def claim(self, addresses: tuple[str, ...] | None) -> None:
+    def claim(self, thread: threading.Thread, addresses: tuple[str, ...] | None) -> None:
         with self._lock:
-            if self._users and addresses != self._addresses:
-                raise RtcError(
-                    "another WebRTC thread in this process uses other host addresses "
-                    f"({self._describe(self._addresses)}, not {self._describe(addresses)}); "
-                    "use the same setting for both"
-                )
-            if not self._users and addresses is not None:
+            if not self._by_thread:
                 aioice.ice.get_host_addresses = self._chosen
-            self._addresses = addresses
-            self._users += 1
+            self._by_thread[thread] = addresses
 
-    def release(self) -> None:
+    def release(self, thread: threading.Thread) -> None:
         with self._lock:
-            self._users -= 1
-            if not self._users:
-                if aioice.ice.get_host_addresses == self._chosen:  # not replaced meanwhile
-                    aioice.ice.get_host_addresses = self._original
-                self._addresses = None
+            self._by_thread.pop(thread, None)
+            if not self._by_thread and aioice.ice.get_host_addresses == self._chosen:
+                aioice.ice.get_host_addresses = self._original  # not replaced meanwhile
 
     def _chosen(self, use_ipv4: bool, use_ipv6: bool) -> list[str]:
-        """Stands in for aioice's function: the chosen addresses of the families asked for."""
+        """Stands in for aioice's function: the asking thread's addresses of the
+        families asked for."""
+        chosen = self._by_thread.get(threading.current_thread())
+        if chosen is None:
+            return self._original(use_ipv4, use_ipv6)
         families = {4} if use_ipv4 else set()
         if use_ipv6:
             families.add(6)
-        chosen = self._addresses or ()
         return [a for a in chosen if ipaddress.ip_address(a).version in families]
-
-    @staticmethod
-    def _describe(addresses: tuple[str, ...] | None) -> str:
-        if addresses is None:
-            return "every interface"
-        return ", ".join(addresses) or "none"
 
 
 _HOST_ADDRESSES = _HostAddresses()
@@ -413,10 +403,9 @@ class RtcThread:
     run only.  ``ice_servers`` are the STUN/TURN servers (none: host candidates
     only, so a test never waits on a public server).  ``host_addresses``, when not
     None, replaces the local addresses aioice gathers candidates from, e.g.
-    ``["127.0.0.1"]``, which aioice never gathers by itself; that choice is global
-    to the process (see :class:`_HostAddresses`), so RtcThreads alive at the same
-    time must agree on it or the later one fails to start.  One per process is the
-    normal case.
+    ``["127.0.0.1"]``, which aioice never gathers by itself; each RtcThread's
+    choice holds for its own thread (see :class:`_HostAddresses`).  One per
+    process is the normal case; a simulation runs one per node.
     """
 
     def __init__(
@@ -449,16 +438,16 @@ class RtcThread:
         if self._thread is not None:
             raise RtcError("an RtcThread can only be started once")
         self._token = trio.lowlevel.current_trio_token()
-        _HOST_ADDRESSES.claim(self._host_addresses)
         ready = trio.Event()
         self._thread = threading.Thread(
             target=self._thread_main, args=(ready.set,), name="pigeon-rtc", daemon=True
         )
+        _HOST_ADDRESSES.claim(self._thread, self._host_addresses)
         self._thread.start()
         with trio.CancelScope(shield=True):  # a started thread must be known to __aexit__
             await ready.wait()
         if self._loop is None:
-            _HOST_ADDRESSES.release()
+            _HOST_ADDRESSES.release(self._thread)
             raise RtcError("the WebRTC thread did not start (see the log)")
         self._accepting = True
         return self
@@ -488,7 +477,7 @@ class RtcThread:
             await trio.to_thread.run_sync(thread.join, THREAD_JOIN_TIMEOUT)
             if thread.is_alive():
                 log.warning("the WebRTC thread did not end within %g s", THREAD_JOIN_TIMEOUT)
-            _HOST_ADDRESSES.release()
+            _HOST_ADDRESSES.release(thread)
 
     def _thread_main(self, ready: Callable[[], None]) -> None:
         try:
