@@ -75,6 +75,15 @@ class Fleet(Protocol):
     async def arrivals(self, node: int) -> list[Arrival]:
         """Messages stored by a running node since the last call."""
 
+    async def accept_files(self, node: int, max_bytes: int) -> None:
+        """Have a node take its contacts' files up to ``max_bytes`` without asking."""
+
+    async def send_file(self, node: int, to: int, name: str, data: bytes) -> None:
+        """Offer a file (written to the sender's home first); raises if the node would not."""
+
+    async def files(self, node: int) -> list[dict[str, Any]]:
+        """A running node's transfers, as ``pigeon files --json`` lists them."""
+
     async def outgoing(self, node: int) -> dict[str, str]:
         """A running node's sent messages: text -> "status" or "status: reason"."""
 
@@ -215,6 +224,17 @@ class LocalFleet:
     async def outgoing(self, node: int) -> dict[str, str]:
         return outgoing(self.nodes[node].conversations.inbox())
 
+    async def accept_files(self, node: int, max_bytes: int) -> None:
+        self.nodes[node].transfers.set_auto_accept(None, max_bytes)
+
+    async def send_file(self, node: int, to: int, name: str, data: bytes) -> None:
+        source = outgoing_file(self.root / self.names[node], name, data)
+        contact = self.contacts[(node, to)]
+        await self.nodes[node].transfers.offer(contact.identity_key, source)
+
+    async def files(self, node: int) -> list[dict[str, Any]]:
+        return self.nodes[node].transfers.list()
+
     async def metrics(self, node: int) -> dict[str, object]:
         metrics = self.nodes[node].metrics()
         sent, received = self.wire_before.get(node, (0, 0))
@@ -259,6 +279,16 @@ def outgoing(rows: list[dict[str, object]]) -> dict[str, str]:
         for r in rows
         if r["direction"] == "out"
     }
+
+
+def outgoing_file(home: Path, name: str, data: bytes) -> Path:
+    """Where a simulated user keeps a file it sends: in its own home, so
+    that it is there for as long as the transfer needs it."""
+    folder = home / "to-send"
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    path.write_bytes(data)
+    return path.resolve()
 
 
 def _children() -> list[int]:

@@ -27,7 +27,16 @@ from pigeon.node.conversations import Conversations
 from pigeon.node.storage import Database
 from pigeon.protocol import PigeonError
 
-from .fleet import PASSPHRASE, Arrival, Usage, loopback_address, outgoing, peak_kb, to_arrival
+from .fleet import (
+    PASSPHRASE,
+    Arrival,
+    Usage,
+    loopback_address,
+    outgoing,
+    outgoing_file,
+    peak_kb,
+    to_arrival,
+)
 from .netns import Namespaces
 from .netns import address as netns_address
 from .scenario import ScenarioError
@@ -193,6 +202,17 @@ class ProcessFleet:
 
     async def outgoing(self, node: int) -> dict[str, str]:
         return outgoing((await self._call(node, "inbox"))["messages"])
+
+    async def accept_files(self, node: int, max_bytes: int) -> None:
+        await self._call(node, "files.auto_accept", max_bytes=max_bytes)
+
+    async def send_file(self, node: int, to: int, name: str, data: bytes) -> None:
+        source = outgoing_file(self.home(node), name, data)
+        await self._call(node, "files.send", contact=self.names[to], path=str(source))
+
+    async def files(self, node: int) -> list[dict[str, Any]]:
+        files: list[dict[str, Any]] = (await self._call(node, "files.list"))["files"]
+        return files
 
     async def metrics(self, node: int) -> dict[str, object]:
         metrics = await self._call(node, "metrics")

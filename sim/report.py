@@ -59,6 +59,7 @@ def build(record: Record, usage: Usage, mode: str) -> dict[str, Any]:
             "partition_s": s.partition,
             "settle_s": s.settle,
             "mailbox_interval_s": s.mailbox_interval,
+            "files": s.files,
         },
         "messages_planned": len(plan.sends),
         "messages_sent": sent,
@@ -96,8 +97,43 @@ def build(record: Record, usage: Usage, mode: str) -> dict[str, Any]:
         "cpu_s": usage.cpu_s,
         "setup_s": record.setup_s,
         "wall_s": round(record.ended_at - record.started_at, 2),
+        "files": _files(record),
         "undelivered": sorted(mid for mid in record.sent if mid not in record.arrivals)[:50],
         "sender_says": dict(sorted(record.missing.items())[:50]),
+    }
+
+
+def _files(record: Record) -> dict[str, Any]:
+    """Files: offered, arrived intact, how long from the offer to the last
+    byte on the recipient's disk."""
+    arrived = {
+        fid: copies
+        for fid, copies in record.file_arrivals.items()
+        if fid in record.files_sent and any(c.state == "done" and c.intact for c in copies)
+    }
+    latencies = [
+        (min(c.received_at for c in copies if c.state == "done") - record.files_sent[fid]) * 1000
+        for fid, copies in arrived.items()
+    ]
+    sent = len(record.files_sent)
+    ended = [c for copies in record.file_arrivals.values() for c in copies]
+    return {
+        "planned": len(record.plan.files),
+        "sent": sent,
+        "send_failed": len(record.files_failed),
+        "delivered": len(arrived),
+        "corrupt": sum(1 for c in ended if c.state == "done" and not c.intact),
+        "failed": sum(1 for c in ended if c.state != "done"),
+        "duplicates": sum(len(c) - 1 for c in record.file_arrivals.values()),
+        "lost": sent - len(arrived),
+        "bytes": sum(f.size for f in record.plan.files if f.id in record.files_sent),
+        "latency_ms": {
+            "p50": percentile(latencies, 50),
+            "p90": percentile(latencies, 90),
+            "p99": percentile(latencies, 99),
+            "max": round(max(latencies), 1) if latencies else None,
+        },
+        "undelivered": dict(sorted(record.files_missing.items())[:50]),
     }
 
 
@@ -123,10 +159,21 @@ def summary(report: dict[str, Any], out: Path) -> str:
         f"  cost       {report['wall_s']} s wall, {report['cpu_s']} s CPU,"
         f" peak RSS {report['peak_rss_mb']} MB",
     ]
+    files = report["files"]
+    if files["planned"]:
+        flat = files["latency_ms"]
+        lines.insert(
+            4,
+            f"  files      {files['sent']} sent, {files['delivered']} arrived intact,"
+            f" {files['lost']} lost  (p50 {_ms(flat['p50'])}  p99 {_ms(flat['p99'])},"
+            " offer to the last byte on disk)",
+        )
     if report["send_failed"]:
         lines.append(f"  refused    {report['send_failed']} message(s) their node would not take")
     for mid, said in list(report["sender_says"].items())[:10]:
         lines.append(f"  LOST       {mid}: its sender says {said}")
+    for fid, said in list(files["undelivered"].items())[:10]:
+        lines.append(f"  LOST       file {fid}: its sender says {said}")
     lines.append(f"  written    {out}/report.json, events.jsonl, *.png")
     return "\n".join(lines)
 

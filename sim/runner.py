@@ -15,21 +15,34 @@ node stored it (its ``received_at`` on the recipient's clock).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import trio
 
 from .fleet import Arrival, Fleet
-from .scenario import Plan, message_id
+from .scenario import FILE_SIZES, FileSend, Plan, file_content, file_id, message_id
 
 Progress = Callable[[str], None]
 STARTS_AT_ONCE = 8  # nodes started together (each start does a DHT bootstrap)
 EXCHANGES_AT_ONCE = 32  # contact pairs exchanging codes together (each waits on lookups)
+ENDED = frozenset({"done", "failed", "refused", "cancelled"})  # a transfer's last states
+
+
+@dataclass(frozen=True)
+class FileArrival:
+    """An incoming transfer that ended, as its recipient's node tells it."""
+
+    state: str  # "done", or why it ended without the file
+    received_at: float  # when the file was written in full (or the end was seen)
+    intact: bool  # the bytes written are the bytes sent
+    error: str | None
 
 
 @dataclass
@@ -49,6 +62,10 @@ class Record:
     downs: dict[int, list[float]] = field(default_factory=dict)
     ups: dict[int, list[float]] = field(default_factory=dict)
     split: tuple[float, float] | None = None  # wall times the partition began and healed
+    files_sent: dict[str, float] = field(default_factory=dict)  # file -> wall time offered
+    files_failed: dict[str, str] = field(default_factory=dict)  # file -> why it was not offered
+    file_arrivals: dict[str, list[FileArrival]] = field(default_factory=dict)
+    files_missing: dict[str, str] = field(default_factory=dict)  # file -> its sender's word
     started_at: float = 0.0  # wall time the timeline began
     ended_at: float = 0.0
     setup_s: float = 0.0
@@ -81,6 +98,8 @@ class Runner:
         self.up: set[int] = set()
         self.dead: set[int] = set()
         self.recipient = {s.id: s.recipient for s in plan.sends}
+        self.planned_files = {f.id: f for f in plan.files}
+        self.ended_transfers: set[str] = set()  # incoming transfers already counted
         # One node's start, stop, sends and reads do not interleave.
         self.locks = {node: trio.Lock() for node in range(len(plan.names))}
 
@@ -94,6 +113,9 @@ class Runner:
         setup = time.monotonic()
         await self._start_all()
         await self._exchange_codes()
+        if self.plan.files:
+            for node in self.plan.users:
+                await self.fleet.accept_files(node, FILE_SIZES[1])
         self.record.setup_s = round(time.monotonic() - setup, 2)
         self.record.started_at = time.time()
         self.log("start", nodes=len(self.plan.names), online=len(self.up))
@@ -102,7 +124,7 @@ class Runner:
             await self._timeline()
             self.progress("workload done; waiting for the last deliveries")
             with trio.move_on_after(settle):
-                while self._delivered() < len(self.record.sent):
+                while self._delivered() < len(self.record.sent) or self._files_open():
                     await trio.sleep(0.5)
             nursery.cancel_scope.cancel()
         for node in sorted(self.up):
@@ -168,6 +190,8 @@ class Runner:
             items.append((plan.partition.end, 4, "heal", None))
         for s in plan.sends:
             items.append((s.at, 5, "send", s))
+        for f in plan.files:
+            items.append((f.at, 6, "file", f))
         return sorted(items, key=lambda item: (item[0], item[1]))
 
     async def _timeline(self) -> None:
@@ -183,6 +207,9 @@ class Runner:
         if kind == "send":
             async with self.locks[arg.sender]:
                 await self._send(arg)
+        elif kind == "file":
+            async with self.locks[arg.sender]:
+                await self._send_file(arg)
         elif kind == "offline" and arg not in self.dead:
             async with self.locks[arg]:
                 await self._read(arg)
@@ -233,6 +260,28 @@ class Runner:
         self.record.sent[send.id] = sent_at
         self.log("send", **fields)
 
+    async def _send_file(self, send: FileSend) -> None:
+        names = self.plan.names
+        fields = {"id": send.id, "from": names[send.sender], "to": names[send.recipient]}
+        if send.sender not in self.up:
+            self.record.files_failed[send.id] = "the sender's node was not running"
+            self.log("file_send_failed", reason=self.record.files_failed[send.id], **fields)
+            return
+        data = file_content(self.plan.scenario.seed, send)
+        sent_at = time.time()
+        try:
+            await self.fleet.send_file(send.sender, send.recipient, send.name, data)
+        except Exception as error:
+            self.record.files_failed[send.id] = str(error)
+            self.log("file_send_failed", reason=str(error), **fields)
+            return
+        self.record.files_sent[send.id] = sent_at
+        self.log("file_send", bytes=send.size, **fields)
+
+    def _files_open(self) -> int:
+        """Files offered whose transfer has not ended at the recipient."""
+        return sum(1 for fid in self.record.files_sent if fid not in self.record.file_arrivals)
+
     async def _explain_missing(self) -> None:
         texts = {s.id: s for s in self.plan.sends}
         for mid in sorted(set(self.record.sent) - set(self.record.arrivals)):
@@ -243,6 +292,16 @@ class Runner:
             else:
                 self.record.missing[mid] = "the sender's node is gone"
             self.log("missing", id=mid, sender_says=self.record.missing[mid])
+        for fid in sorted(set(self.record.files_sent) - set(self.record.file_arrivals)):
+            offered = self.planned_files[fid]
+            said = "the sender's node is gone"
+            if offered.sender in self.up:
+                said = "not in the sender's transfers"
+                for item in await self.fleet.files(offered.sender):
+                    if item["direction"] == "out" and item["name"] == offered.name:
+                        said = item["state"] + (f": {item['error']}" if item["error"] else "")
+            self.record.files_missing[fid] = said
+            self.log("file_missing", id=fid, sender_says=said)
 
     # -- watching ---------------------------------------------------------------------------------
 
@@ -256,13 +315,20 @@ class Runner:
             done = round(20 * self._delivered() / planned)
             self.progress(
                 f"[{'#' * done}{'.' * (20 - done)}] {self._delivered()}/{len(self.plan.sends)}"
-                f" delivered, {len(self.record.sent)} sent, {len(self.up)}"
+                f" delivered, {len(self.record.sent)} sent,{self._files_progress()} {len(self.up)}"
                 f"/{len(self.plan.names) - len(self.dead)} online,"
                 f" t={time.time() - self.record.started_at:.0f}s"
             )
             await trio.sleep(0.5)
 
+    def _files_progress(self) -> str:
+        if not self.plan.files:
+            return ""
+        return f" files {len(self.record.file_arrivals)}/{len(self.plan.files)},"
+
     async def _read(self, node: int) -> None:
+        if self.plan.files:
+            await self._read_files(node)
         for arrival in await self.fleet.arrivals(node):
             mid = message_id(arrival.text)
             if mid is None:
@@ -281,6 +347,45 @@ class Runner:
                 via=arrival.via,
                 received_at=round(arrival.received_at, 3),
                 latency_ms=latency,
+                copy=len(copies),
+            )
+
+    async def _read_files(self, node: int) -> None:
+        """Incoming transfers that ended since the last look: the file's bytes
+        are checked against what was sent, and it counts from when its last
+        byte was written."""
+        for item in await self.fleet.files(node):
+            if item["direction"] != "in" or item["state"] not in ENDED:
+                continue
+            fid = file_id(str(item["name"]))
+            if fid is None or item["id"] in self.ended_transfers:
+                continue
+            self.ended_transfers.add(item["id"])
+            send = self.planned_files.get(fid)
+            if send is None or send.recipient != node:
+                self.record.misdelivered += 1
+                continue
+            received_at, intact = time.time(), False
+            if item["state"] == "done" and item["path"]:
+                path = Path(item["path"])
+                expected = hashlib.sha256(file_content(self.plan.scenario.seed, send)).digest()
+                try:
+                    intact = hashlib.sha256(path.read_bytes()).digest() == expected
+                    received_at = path.stat().st_mtime
+                except OSError:
+                    intact = False
+            arrival = FileArrival(item["state"], received_at, intact, item["error"])
+            copies = self.record.file_arrivals.setdefault(fid, [])
+            copies.append(arrival)
+            sent = self.record.files_sent.get(fid)
+            self.log(
+                "file_deliver" if arrival.state == "done" else "file_failed",
+                id=fid,
+                to=self.plan.names[node],
+                state=arrival.state,
+                intact=intact,
+                error=arrival.error,
+                latency_ms=None if sent is None else round((received_at - sent) * 1000, 1),
                 copy=len(copies),
             )
 

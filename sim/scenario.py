@@ -34,6 +34,7 @@ class Scenario:
     partition: float = 0.0  # seconds the network is split in two, 0 for never
     settle: float = 120.0  # seconds allowed after the workload for the last deliveries
     mailbox_interval: float = 30.0  # how often nodes collect from their mailboxes (as a daemon)
+    files: int = 0  # small files sent between contacts, peer to peer (WebRTC)
 
     def check(self) -> None:
         users = self.nodes - self.mailboxes
@@ -50,6 +51,8 @@ class Scenario:
             raise ScenarioError(f"--contacts must be from 1 to {users - 1} (the other nodes)")
         if self.messages < 0:
             raise ScenarioError("--messages cannot be negative")
+        if not 0 <= self.files <= 1000:
+            raise ScenarioError("--files must be from 0 to 1000")
         if not 0 <= self.churn <= 1:
             raise ScenarioError("--churn is a fraction from 0 to 1 (0.3 for 30%)")
         if not 0 <= self.kill_mailboxes <= self.mailboxes:
@@ -72,6 +75,19 @@ class Send:
     recipient: int
     id: str
     text: str
+
+
+@dataclass(frozen=True)
+class FileSend:
+    at: float
+    sender: int
+    recipient: int
+    id: str  # also the file's name, with ".bin"
+    size: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.id}.bin"
 
 
 @dataclass(frozen=True)
@@ -105,11 +121,14 @@ class Plan:
     offline: tuple[Offline, ...]
     kills: tuple[Kill, ...]
     partition: Partition | None
+    files: tuple[FileSend, ...] = ()
 
     def digest(self) -> str:
         """SHA-256 of the workload (everything but the run's own settings)."""
         workload = asdict(self)
         del workload["scenario"]
+        if not self.files:
+            del workload["files"]  # so that a workload without files keeps its digest
         text = json.dumps(workload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -118,6 +137,8 @@ class Plan:
             return False
         return not any(o.node == node and o.start <= at < o.end for o in self.offline)
 
+
+FILE_SIZES = (16 * 1024, 192 * 1024)  # smallest and largest file, bytes
 
 WORDS = (
     "pigeon", "carries", "the", "note", "over", "hills", "rivers", "roofs", "and", "fields",
@@ -183,7 +204,36 @@ def plan(scenario: Scenario) -> Plan:
         filler = " ".join(rng.choices(WORDS, k=rng.randint(1, 30)))
         sends.append(Send(at, sender, recipient, message_id, f"sim {message_id}: {filler}"))
     ordered = tuple(sorted(sends, key=lambda x: (x.at, x.id)))
-    return Plan(s, names, mailboxes, contacts, users, ordered, tuple(offline), kills, partition)
+    # Files are drawn after the messages: adding them changes no message.
+    files = []
+    for number in range(s.files):
+        at, sender, recipient = pick()
+        size = rng.randint(FILE_SIZES[0], FILE_SIZES[1])
+        files.append(FileSend(at, sender, recipient, f"f{number:04d}", size))
+    return Plan(
+        s,
+        names,
+        mailboxes,
+        contacts,
+        users,
+        ordered,
+        tuple(offline),
+        kills,
+        partition,
+        tuple(sorted(files, key=lambda x: (x.at, x.id))),
+    )
+
+
+def file_content(seed: int, send: FileSend) -> bytes:
+    """A planned file's bytes: the same for the same seed, different for each file."""
+    return random.Random(f"{seed}:{send.id}").randbytes(send.size)
+
+
+def file_id(name: str) -> str | None:
+    """The plan's ID in a simulated file's name (``f0003.bin``)."""
+    if len(name) == 9 and name.startswith("f") and name.endswith(".bin") and name[1:5].isdigit():
+        return name[:5]
+    return None
 
 
 def message_id(text: str) -> str | None:

@@ -30,6 +30,13 @@ def check_lossless(report: dict[str, Any], out: Path) -> None:
     delivered = {e["id"] for e in events(out) if e["event"] == "deliver"}
     sent = {e["id"] for e in events(out) if e["event"] == "send"}
     assert delivered == sent and len(sent) == report["messages_sent"]
+    files = report["files"]
+    assert files["sent"] == files["planned"]
+    assert files["delivered"] == files["sent"], files["undelivered"]
+    assert files["lost"] == files["corrupt"] == files["failed"] == files["duplicates"] == 0
+    arrived = {e["id"] for e in events(out) if e["event"] == "file_deliver" and e["intact"]}
+    offered = {e["id"] for e in events(out) if e["event"] == "file_send"}
+    assert arrived == offered and len(offered) == files["sent"]
     for name in ("latency_cdf.png", "deliveries.png", "bytes_per_node.png"):
         assert (out / name).read_bytes().startswith(PNG), name
 

@@ -39,7 +39,7 @@ def test_twenty_nodes_under_thirty_percent_churn_lose_nothing(tmp_path) -> None:
 
 def test_the_same_seed_gives_the_same_workload_in_one_process_and_in_many(tmp_path) -> None:
     scenario = Scenario(
-        nodes=6, mailboxes=2, messages=15, churn=0.5, seed=42, duration=8, settle=SETTLE
+        nodes=6, mailboxes=2, messages=15, churn=0.5, seed=42, duration=8, settle=SETTLE, files=3
     )
     local = simulate(scenario, tmp_path / "local")
     processes = simulate(scenario, tmp_path / "processes", mode="processes")
@@ -51,6 +51,8 @@ def test_the_same_seed_gives_the_same_workload_in_one_process_and_in_many(tmp_pa
     # own, so two sent at nearly the same time may be logged either way round).
     expected = sorted((s.id, f"n{s.sender}", f"n{s.recipient}") for s in plan(scenario).sends)
     assert sorted(sends(tmp_path / "local")) == sorted(sends(tmp_path / "processes")) == expected
+    # The files too, peer to peer (check_lossless: every one arrived, intact).
+    assert local["files"]["sent"] == processes["files"]["sent"] == 3
     # The daemons answered `metrics`: bytes on their wire, their lookups.
     assert processes["bytes_per_message"] > 0
     assert processes["dht_lookups"] > 0

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import runpy
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pigeon.sim.fleet import Arrival, Usage
 from pigeon.sim.report import build, percentile
-from pigeon.sim.runner import Record
-from pigeon.sim.scenario import Scenario, ScenarioError, message_id, plan
+from pigeon.sim.runner import FileArrival, Record
+from pigeon.sim.scenario import (
+    FILE_SIZES,
+    Scenario,
+    ScenarioError,
+    file_content,
+    file_id,
+    message_id,
+    plan,
+)
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 def test_same_seed_same_workload_other_seed_another() -> None:
@@ -103,6 +116,51 @@ def test_bad_options_say_which(options, complaint) -> None:
         plan(Scenario(**options))
 
 
+def test_files_join_the_workload_without_changing_its_messages() -> None:
+    without, with_files = plan(Scenario(seed=5)), plan(Scenario(seed=5, files=12))
+    # The same messages, pairs and churn: files are drawn after them, and a
+    # workload without files keeps the digest it had before files existed.
+    assert with_files.sends == without.sends and with_files.offline == without.offline
+    assert with_files.digest() != without.digest()
+    assert plan(Scenario(seed=5, files=12)) == with_files
+    assert plan(Scenario(seed=6, files=12)).files != with_files.files
+    assert len(with_files.files) == 12 and len({f.id for f in with_files.files}) == 12
+    pairs = set(with_files.contacts)
+    for f in with_files.files:
+        assert (min(f.sender, f.recipient), max(f.sender, f.recipient)) in pairs
+        assert with_files.online_at(f.sender, f.at)
+        assert FILE_SIZES[0] <= f.size <= FILE_SIZES[1]
+        assert file_id(f.name) == f.id
+        content = file_content(5, f)
+        assert len(content) == f.size and content == file_content(5, f)
+        assert content != file_content(6, f)
+    assert file_id("f0001.txt") is None and file_id("notes.bin") is None
+    with pytest.raises(ScenarioError, match="--files"):
+        plan(Scenario(files=-1))
+
+
+def test_report_counts_files_that_arrived_intact() -> None:
+    p = plan(Scenario(nodes=6, mailboxes=1, messages=0, contacts=2, churn=0, files=4))
+    record = Record(p, started_at=1000.0, ended_at=1010.0)
+    intact, damaged, refused, missing = p.files
+    for f in p.files:
+        record.files_sent[f.id] = 1000.0
+    record.file_arrivals = {
+        intact.id: [FileArrival("done", 1002.0, True, None)],
+        damaged.id: [FileArrival("done", 1001.0, False, None)],
+        refused.id: [FileArrival("refused", 1001.0, False, "too large")],
+    }
+    record.files_missing = {missing.id: "offered"}
+    files = build(record, Usage(1.0, 1.0), "local")["files"]
+    assert files["sent"] == 4
+    assert files["delivered"] == 1
+    assert files["corrupt"] == 1 and files["failed"] == 1
+    assert files["lost"] == 3
+    assert files["latency_ms"]["max"] == 2000
+    assert files["bytes"] == sum(f.size for f in p.files)
+    assert files["undelivered"] == {missing.id: "offered"}
+
+
 def test_message_ids_only_from_simulated_texts() -> None:
     assert message_id("sim m00012: hello") == "m00012"
     assert message_id("sim m00012 hello") is None
@@ -171,3 +229,19 @@ def test_a_partition_makes_the_other_side_unreachable_until_it_heals() -> None:
     assert record.reachable_from(inside, outside, 1010.0) == 1020.0
     assert record.reachable_from(inside, p.partition.side[1], 1010.0) == 1010.0
     assert record.reachable_from(inside, outside, 1025.0) == 1025.0
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.py")), ids=lambda p: p.name)
+def test_examples_run_nothing_when_a_worker_process_imports_them(example, monkeypatch) -> None:
+    """The proof-of-work worker is a spawned process: it imports the script it
+    was started from (as ``__mp_main__``), and a script without a main guard
+    would run a whole second simulation inside it."""
+    import pigeon.ui.sim
+
+    def refuse(*args: object, **kwargs: object) -> int:
+        raise AssertionError(f"{example.name} ran a simulation on import")
+
+    monkeypatch.setattr(pigeon.ui.sim, "run_and_print", refuse)
+    runpy.run_path(str(example), run_name="__mp_main__")
+    with pytest.raises(AssertionError, match="ran a simulation"):
+        runpy.run_path(str(example), run_name="__main__")

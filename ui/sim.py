@@ -34,6 +34,13 @@ def add_command(commands: Any) -> None:
         metavar="F",
         help="fraction of the other nodes that go offline once and come back (0.3)",
     )
+    sim.add_argument(
+        "--files",
+        type=int,
+        default=0,
+        metavar="K",
+        help="small files sent peer to peer between contacts, auto-accepted (0)",
+    )
     sim.add_argument("--seed", type=int, default=1, metavar="S", help="the workload's seed (1)")
     sim.add_argument("--out", default="sim-out", metavar="DIR", help="where results go (sim-out)")
     sim.add_argument(
@@ -102,6 +109,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         partition=args.partition,
         settle=args.settle,
         mailbox_interval=args.mailbox_interval,
+        files=args.files,
     )
     try:
         scenario.check()
@@ -117,7 +125,8 @@ def run_and_print(
     scenario: Scenario, out: Path, *, mode: str = "local", as_json: bool = False
 ) -> int:
     """Run a simulation with a progress line, then print its summary (or its
-    report as JSON).  Exit status 3 when a message was lost or duplicated."""
+    report as JSON).  Exit status 3 when a message or a file was lost or
+    duplicated, or a file arrived damaged."""
     import json
 
     from pigeon.sim.simulate import simulate, summary
@@ -125,7 +134,10 @@ def run_and_print(
     progress = _ProgressLine() if sys.stderr.isatty() else _quiet
     report = simulate(scenario, out, mode=mode, progress=progress)
     print(json.dumps(report) if as_json else summary(report, out))
-    return 0 if report["lost"] == 0 and report["duplicates"] == 0 else 3
+    files = report["files"]
+    whole = report["lost"] == report["duplicates"] == 0
+    whole = whole and files["lost"] == files["duplicates"] == files["corrupt"] == 0
+    return 0 if whole else 3
 
 
 def _quiet(line: str) -> None:
