@@ -1,15 +1,24 @@
 """The TCP under every connection (node/host.py): what it writes is already
-encrypted, so a write is never cut short by a cancelled caller."""
+encrypted, so a write is never cut short by a cancelled caller; and yamux
+above it gives window back in halves, not a frame per read."""
 
 from __future__ import annotations
 
+import os
+import struct
+
 import pytest
 import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
 from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.io.trio import TrioTCPStream
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from multiaddr import Multiaddr
 
 from pigeon.node import host
-from pigeon.node.host import Wire
+from pigeon.node.host import Wire, build_host, close_host
 
 BIG = 8 * 1024 * 1024  # far more than the socket buffers hold
 
@@ -64,3 +73,55 @@ def test_a_peer_that_takes_nothing_loses_its_connection(monkeypatch: pytest.Monk
         await listener.aclose()
 
     trio.run(main)
+
+
+ECHO = TProtocol("/pigeon-test/bytes/1.0.0")
+LOOPBACK = Multiaddr("/ip4/127.0.0.1/tcp/0")
+
+
+def test_reads_give_window_back_in_halves_not_a_frame_per_read() -> None:
+    """py-libp2p sent a WINDOW_UPDATE for every read that returned bytes (and
+    multistream-select reads a byte at a time); ours go out once half the
+    window is used, and a stream still carries far more than one window."""
+    updates: list[int] = []
+    write_frame = Yamux._write_frame
+
+    async def counting(self: Yamux, data: bytes) -> None:
+        kind, flags = data[1], struct.unpack(">H", data[2:4])[0]
+        if kind == 1 and flags == 0:  # a bare window update (not SYN, ACK or FIN)
+            updates.append(struct.unpack(">I", data[8:12])[0])
+        await write_frame(self, data)
+
+    async def main() -> tuple[bytes, bytes]:
+        a = build_host(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"])
+        b = build_host(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"])
+        received = bytearray()
+        done = trio.Event()
+
+        async def handler(stream: INetStream) -> None:
+            for _ in range(300):  # small reads, as a protocol reading headers does
+                received.extend(await stream.read(1))
+            while len(received) < 300 + BIG // 8:
+                received.extend(await stream.read(65536))
+            done.set()
+
+        b.set_stream_handler(ECHO, handler)
+        with trio.fail_after(30):
+            async with a.run(listen_addrs=[LOOPBACK]), b.run(listen_addrs=[LOOPBACK]):
+                await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+                stream = await a.new_stream(b.get_id(), [ECHO])
+                payload = os.urandom(300 + BIG // 8)
+                await stream.write(payload)  # 1 MiB: four windows' worth
+                await done.wait()
+                await stream.close()
+                await close_host(a)
+                await close_host(b)
+        return payload, bytes(received)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Yamux, "_write_frame", counting)
+        sent, received = trio.run(main)
+    assert received == sent
+    # 1 MiB through 256 KiB windows: about one update per 128 KiB, not one
+    # per read (300 single-byte reads alone would have been 300).
+    assert 4 <= len(updates) <= 16, updates
