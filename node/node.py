@@ -66,6 +66,7 @@ from .mailbox import MAILBOX_PROTOCOL, NOTIFY_PROTOCOL, MailboxPeer
 from .mailbox_owner import MailboxOwner
 from .mailbox_store import MailboxLimits, MailboxStore
 from .presence import PRESENCE_PROTOCOL, PresenceService
+from .routing import RoutingUpkeep, remember_verified_envelopes
 from .storage import Database
 from .transfers import Transfers
 
@@ -111,6 +112,8 @@ class Node:
         self.host: IHost = build_host(conv.device_seed, config.listen, self.wire)
         self.dht = KadDHT(self.host, DHTMode.SERVER, strict_validation=True)
         make_dht_validator(self.dht, clock)
+        RoutingUpkeep(self.dht, random).install()
+        remember_verified_envelopes()
         # Before the host runs, so that no stream reaches the library's own handler.
         self.host.set_stream_handler(DHT_PROTOCOL, self._guarded(guard_dht(self.dht)))
         self.started = clock()
