@@ -75,6 +75,9 @@ class Fleet(Protocol):
     async def arrivals(self, node: int) -> list[Arrival]:
         """Messages stored by a running node since the last call."""
 
+    async def registered(self, node: int) -> int:
+        """How many mailboxes a running node is registered with."""
+
     async def accept_files(self, node: int, max_bytes: int) -> None:
         """Have a node take its contacts' files up to ``max_bytes`` without asking."""
 
@@ -223,6 +226,9 @@ class LocalFleet:
 
     async def outgoing(self, node: int) -> dict[str, str]:
         return outgoing(self.nodes[node].conversations.inbox())
+
+    async def registered(self, node: int) -> int:
+        return len(self.nodes[node].owner.my_mailboxes())
 
     async def accept_files(self, node: int, max_bytes: int) -> None:
         self.nodes[node].transfers.set_auto_accept(None, max_bytes)

@@ -203,6 +203,9 @@ class ProcessFleet:
     async def outgoing(self, node: int) -> dict[str, str]:
         return outgoing((await self._call(node, "inbox"))["messages"])
 
+    async def registered(self, node: int) -> int:
+        return len((await self._call(node, "status"))["mailboxes"])
+
     async def accept_files(self, node: int, max_bytes: int) -> None:
         await self._call(node, "files.auto_accept", max_bytes=max_bytes)
 

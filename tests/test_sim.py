@@ -32,6 +32,9 @@ def test_twenty_nodes_under_thirty_percent_churn_lose_nothing(tmp_path) -> None:
     offline = [e for e in events(tmp_path) if e["event"] == "offline"]
     online = [e for e in events(tmp_path) if e["event"] == "online"]
     assert len(offline) == len(online) == 5
+    # The timeline started once all 17 were registered with their 3 mailboxes.
+    (start,) = [e for e in events(tmp_path) if e["event"] == "start"]
+    assert start["registered"] == 17
     assert report["dht_lookup_ms"]["p50"] is not None
     assert report["bytes_per_message"] > 0
     assert report["schedule_sha256"] == plan(scenario).digest()
