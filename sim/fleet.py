@@ -22,7 +22,7 @@ import os
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,6 +52,7 @@ class Arrival:
 class Usage:
     peak_rss_mb: float
     cpu_s: float
+    wan: dict[str, Any] = field(default_factory=dict)  # packets the hub delayed, dropped
 
 
 class Fleet(Protocol):

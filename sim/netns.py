@@ -4,20 +4,27 @@ One namespace, the hub, holds two bridges; every node gets a namespace of
 its own with one veth pair to the hub and an address in 10.77.0.0/16.  All
 ports start on the first bridge.  A partition moves one side's ports to the
 second bridge: two separate segments, so packets across really go nowhere
-and peers notice only by timeouts, as on a real network.  Nothing is made
-in the machine's own namespace, and everything is removed at the end.
+and peers notice only by timeouts, as on a real network.  With a latency or
+a loss, every packet that crosses the hub is delayed or dropped there
+(wan.py says how, and why not netem).  Nothing is made in the machine's own
+namespace, and everything is removed at the end.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import subprocess
+import sys
 import uuid
+from typing import Any
 
 from .scenario import ScenarioError
 
 SUBNET = "10.77"
+BRIDGE_FILTER = "/proc/sys/net/bridge/bridge-nf-call-iptables"
+DELAYER_READY_S = 15.0
 
 
 def address(node: int) -> str:
@@ -34,6 +41,8 @@ class Namespaces:
         self.hub = f"pgs-{self.tag}-hub"
         self.names = [f"pgs-{self.tag}-{i}" for i in range(count)]
         self.made: list[str] = []
+        self.delayer: subprocess.Popen[bytes] | None = None
+        self.shaped = False
 
     def _ip(self, *args: str) -> None:
         result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
@@ -73,7 +82,78 @@ class Namespaces:
             bridge = "br1" if side is not None and node in side else "br0"
             self._ip("-n", self.hub, "link", "set", f"p{node}", "master", bridge)
 
+    def _in_hub(self, *command: str) -> str:
+        result = subprocess.run(
+            ["ip", "netns", "exec", self.hub, *command], capture_output=True, text=True, timeout=30
+        )
+        if result.returncode != 0:
+            raise ScenarioError(f"{' '.join(command)} in the hub failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def shape(self, latency_ms: float, loss: float) -> None:
+        """Delay every packet crossing the hub by ``latency_ms`` and drop
+        the fraction ``loss`` of them (after ``create``)."""
+        if not latency_ms and not loss:
+            return
+        if shutil.which("iptables") is None:
+            raise ScenarioError("--latency and --loss need iptables (apt-get install iptables)")
+        if not os.path.exists(BRIDGE_FILTER):
+            subprocess.run(["modprobe", "br_netfilter"], capture_output=True, timeout=30)
+        try:
+            self._in_hub("sh", "-c", f"echo 1 > {BRIDGE_FILTER}")
+        except ScenarioError:
+            raise ScenarioError(
+                "--latency and --loss need the kernel's br_netfilter (bridged packets through"
+                " iptables): modprobe br_netfilter"
+            ) from None
+        if loss:
+            self._in_hub(
+                "iptables", "-A", "FORWARD", "-m", "statistic", "--mode", "random",
+                "--probability", f"{loss:.6f}", "-j", "DROP",
+            )  # fmt: skip
+        if latency_ms:
+            self._start_delayer(latency_ms)
+            self._in_hub("iptables", "-A", "FORWARD", "-j", "NFQUEUE", "--queue-num", "0")
+        self.shaped = True
+
+    def _start_delayer(self, latency_ms: float) -> None:
+        self.delayer = subprocess.Popen(
+            [*self._hub_prefix(), sys.executable, "-m", "pigeon.sim.wan", f"{latency_ms:g}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert self.delayer.stdout is not None and self.delayer.stderr is not None
+        ready, _, _ = select.select([self.delayer.stdout], [], [], DELAYER_READY_S)
+        line = self.delayer.stdout.readline() if ready else b""
+        if line.strip() != b"ready":
+            self.delayer.kill()
+            said = self.delayer.communicate(timeout=10)[1].decode(errors="replace").strip()
+            self.delayer = None
+            last = said.splitlines()[-1] if said else "no answer"
+            raise ScenarioError(f"the packet delayer (NFQUEUE) did not start: {last}")
+
+    def _hub_prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.hub]
+
+    def counters(self) -> dict[str, Any]:
+        """Packets the hub delayed and dropped so far (empty when not shaped)."""
+        if not self.shaped:
+            return {}
+        counts = {"delayed": 0, "dropped": 0}
+        for line in self._in_hub("iptables", "-n", "-v", "-x", "-L", "FORWARD").splitlines():
+            fields = line.split()
+            if len(fields) > 2 and fields[0].isdigit():
+                if fields[2] == "NFQUEUE":
+                    counts["delayed"] += int(fields[0])
+                elif fields[2] == "DROP":
+                    counts["dropped"] += int(fields[0])
+        return counts
+
     def remove(self) -> None:
+        if self.delayer is not None:
+            self.delayer.kill()
+            self.delayer.communicate(timeout=30)  # and closes its pipes
+            self.delayer = None
         for name in reversed(self.made):
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
         self.made.clear()

@@ -39,7 +39,6 @@ from .fleet import (
 )
 from .netns import Namespaces
 from .netns import address as netns_address
-from .scenario import ScenarioError
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
@@ -53,18 +52,20 @@ class ProcessFleet:
         mailboxes: tuple[int, ...],
         mailbox_interval: float,
         *,
-        partition: bool = False,
         netns: bool = False,
+        latency: float = 0.0,
+        loss: float = 0.0,
     ) -> None:
-        if partition and not netns:
-            raise ScenarioError(
-                "--partition with --processes needs --netns (as root): processes on one"
-                " loopback cannot be split; or run it in one process (without --processes)"
-            )
         self.namespaces: Namespaces | None = None
+        self.wan: dict[str, Any] = {}
         if netns:
             self.namespaces = Namespaces(len(names))
             self.namespaces.create()
+            try:
+                self.namespaces.shape(latency, loss)
+            except BaseException:
+                self.namespaces.remove()
+                raise
         self.root = root
         self.names = names
         self.mailboxes = set(mailboxes)
@@ -239,7 +240,7 @@ class ProcessFleet:
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
         peak_mb = (sum(self.peak_kb.values()) + me.ru_maxrss) / 1024
-        return Usage(round(peak_mb, 1), round(cpu, 2))
+        return Usage(round(peak_mb, 1), round(cpu, 2), self.wan)
 
     async def close(self) -> None:
         try:
@@ -248,4 +249,7 @@ class ProcessFleet:
                     nursery.start_soon(self.stop, node)
         finally:
             if self.namespaces is not None:
-                self.namespaces.remove()
+                try:
+                    self.wan = self.namespaces.counters()
+                finally:
+                    self.namespaces.remove()

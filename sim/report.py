@@ -60,7 +60,10 @@ def build(record: Record, usage: Usage, mode: str) -> dict[str, Any]:
             "settle_s": s.settle,
             "mailbox_interval_s": s.mailbox_interval,
             "files": s.files,
+            "latency_ms": s.latency,
+            "loss": s.loss,
         },
+        "wan": usage.wan or None,
         "messages_planned": len(plan.sends),
         "messages_sent": sent,
         "send_failed": len(record.failed),
@@ -167,6 +170,12 @@ def summary(report: dict[str, Any], out: Path) -> str:
             f"  files      {files['sent']} sent, {files['delivered']} arrived intact,"
             f" {files['lost']} lost  (p50 {_ms(flat['p50'])}  p99 {_ms(flat['p99'])},"
             " offer to the last byte on disk)",
+        )
+    if report["wan"]:
+        wan, sc = report["wan"], report["scenario"]
+        lines.append(
+            f"  WAN        {sc['latency_ms']:g} ms each way, {sc['loss'] * 100:g}% loss:"
+            f" {wan['delayed']} packets delayed, {wan['dropped']} dropped"
         )
     if report["send_failed"]:
         lines.append(f"  refused    {report['send_failed']} message(s) their node would not take")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from dataclasses import asdict, dataclass
 
@@ -35,6 +36,8 @@ class Scenario:
     settle: float = 120.0  # seconds allowed after the workload for the last deliveries
     mailbox_interval: float = 30.0  # how often nodes collect from their mailboxes (as a daemon)
     files: int = 0  # small files sent between contacts, peer to peer (WebRTC)
+    latency: float = 0.0  # ms added to every packet between two nodes (--netns only)
+    loss: float = 0.0  # fraction of those packets dropped (--netns only)
 
     def check(self) -> None:
         users = self.nodes - self.mailboxes
@@ -66,6 +69,25 @@ class Scenario:
             )
         if self.settle <= 0 or self.mailbox_interval <= 0:
             raise ScenarioError("--settle and --mailbox-interval must be positive")
+        if not 0 <= self.latency <= 2000:
+            raise ScenarioError("--latency must be from 0 to 2000 ms")
+        if not 0 <= self.loss <= 0.5:
+            raise ScenarioError("--loss must be from 0% to 50%")
+
+    def check_mode(self, mode: str) -> None:
+        """Refuse, before anything starts, what ``mode`` cannot do."""
+        if mode == "netns" and os.geteuid() != 0:
+            raise ScenarioError("--netns needs root (it creates network namespaces)")
+        if self.partition and mode == "processes":
+            raise ScenarioError(
+                "--partition with --processes needs --netns (as root): processes on one"
+                " loopback cannot be split; or run it in one process (without --processes)"
+            )
+        if (self.latency or self.loss) and mode != "netns":
+            raise ScenarioError(
+                "--latency and --loss need --processes --netns (as root): they act on the"
+                " packets between network namespaces"
+            )
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ def simulate(
 ) -> dict[str, Any]:
     """Run ``scenario``; write report.json, events.jsonl and plots to ``out``."""
     the_plan = plan(scenario)
+    scenario.check_mode(mode)
     out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("pigeon").setLevel(logging.CRITICAL)
     quiet_libp2p_logs()
@@ -42,20 +43,21 @@ async def _run(
 ) -> dict[str, Any]:
     s = the_plan.scenario
     with (out / "events.jsonl").open("w") as events:
-        async with trio.open_nursery() as nursery:
-            fleet: Fleet
-            if mode in ("processes", "netns"):
-                from .processes import ProcessFleet
+        fleet: Fleet | None = None
+        if mode in ("processes", "netns"):  # here, so that a refusal is not an exception group
+            from .processes import ProcessFleet
 
-                fleet = ProcessFleet(
-                    root,
-                    the_plan.names,
-                    the_plan.mailboxes,
-                    s.mailbox_interval,
-                    partition=the_plan.partition is not None,
-                    netns=mode == "netns",
-                )
-            else:
+            fleet = ProcessFleet(
+                root,
+                the_plan.names,
+                the_plan.mailboxes,
+                s.mailbox_interval,
+                netns=mode == "netns",
+                latency=s.latency,
+                loss=s.loss,
+            )
+        async with trio.open_nursery() as nursery:
+            if fleet is None:
                 fleet = LocalFleet(
                     root, the_plan.names, the_plan.mailboxes, nursery, s.mailbox_interval
                 )

@@ -66,26 +66,30 @@ def test_the_same_seed_gives_the_same_workload_in_one_process_and_in_many(tmp_pa
     )
 
 
-def test_bad_options_are_one_line_and_nothing_runs(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("options", "complaint"),
+    [
+        (
+            ["--nodes", "4"],
+            "--nodes 4 with --mailboxes 3 leaves 1 node(s) to chat: at least 2 are needed",
+        ),
+        (["--processes", "--partition", "5"], "--partition with --processes needs --netns"),
+        (["--latency", "40ms"], "--latency and --loss need --processes --netns"),
+        (["--processes", "--loss", "1%"], "--latency and --loss need --processes --netns"),
+        (["--loss", "80%"], "--loss must be from 0% to 50%"),
+    ],
+    ids=["too-few", "partition-processes", "latency-local", "loss-processes", "loss-range"],
+)
+def test_bad_options_are_one_line_and_nothing_runs(tmp_path, options, complaint) -> None:
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pigeon.ui.cli",
-            "sim",
-            "--nodes",
-            "4",
-            "--out",
-            str(tmp_path / "o"),
-        ],
+        [sys.executable, "-m", "pigeon.ui.cli", "sim", *options, "--out", str(tmp_path / "o")],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 1
-    assert result.stderr == (
-        "pigeon: --nodes 4 with --mailboxes 3 leaves 1 node(s) to chat: at least 2 are needed\n"
-    )
+    assert result.stderr.startswith(f"pigeon: {complaint}"), result.stderr
+    assert result.stderr.count("\n") == 1
     assert not (tmp_path / "o").exists()
 
 
@@ -138,9 +142,10 @@ def test_a_partition_that_heals_delivers_everything_sent_across_it_after(tmp_pat
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")
-def test_daemons_in_network_namespaces_survive_a_real_partition(tmp_path) -> None:
+def test_daemons_in_network_namespaces_survive_a_real_partition_and_a_wan(tmp_path) -> None:
     """Each daemon in its own namespace on a bridge; the partition moves half
-    of them to another bridge, so packets across are dropped, not refused."""
+    of them to another bridge, so packets across are dropped, not refused;
+    every packet between two nodes is delayed 40 ms and 1% of them dropped."""
     before = set(
         subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
     )
@@ -153,11 +158,15 @@ def test_daemons_in_network_namespaces_survive_a_real_partition(tmp_path) -> Non
         duration=20,
         seed=5,
         settle=SETTLE,
+        latency=40,
+        loss=0.01,
     )
     report = simulate(scenario, tmp_path, mode="netns")
     check_lossless(report, tmp_path)
     check_partition_healed(tmp_path)
     assert report["mode"] == "netns"
+    assert report["wan"]["delayed"] > 1000 and report["wan"]["dropped"] > 0, report["wan"]
+    assert report["latency_ms"]["p50"] >= 40  # at least one way across the hub
     after = set(
         subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
     )

@@ -91,7 +91,37 @@ def add_command(commands: Any) -> None:
         action="store_true",
         help="with --processes: each daemon in a network namespace of its own (root only)",
     )
+    sim.add_argument(
+        "--latency",
+        type=_milliseconds,
+        default=0.0,
+        metavar="MS",
+        help="with --netns: delay every packet between two nodes this long, e.g. 40ms (0)",
+    )
+    sim.add_argument(
+        "--loss",
+        type=_percent,
+        default=0.0,
+        metavar="PCT",
+        help="with --netns: drop this share of the packets between two nodes, e.g. 1%% (0)",
+    )
     sim.add_argument("--json", action="store_true", help="print report.json instead of a summary")
+
+
+def _milliseconds(text: str) -> float:
+    number = text.strip().lower().removesuffix("ms")
+    try:
+        return float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time in ms (40 or 40ms)") from None
+
+
+def _percent(text: str) -> float:
+    number = text.strip().removesuffix("%")
+    try:
+        return float(number) / 100
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage (1 or 1%)") from None
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -110,15 +140,18 @@ def cmd_sim(args: argparse.Namespace) -> int:
         settle=args.settle,
         mailbox_interval=args.mailbox_interval,
         files=args.files,
+        latency=args.latency,
+        loss=args.loss,
     )
-    try:
-        scenario.check()
-    except ScenarioError as error:
-        raise SimUsageError(str(error)) from None
     if args.netns and not args.processes:
         raise SimUsageError("--netns runs daemon processes: use it with --processes")
     mode = "netns" if args.netns else "processes" if args.processes else "local"
-    return run_and_print(scenario, Path(args.out), mode=mode, as_json=args.json)
+    try:
+        scenario.check()
+        scenario.check_mode(mode)
+        return run_and_print(scenario, Path(args.out), mode=mode, as_json=args.json)
+    except ScenarioError as error:  # also what the network namespaces could not do
+        raise SimUsageError(str(error)) from None
 
 
 def run_and_print(
