@@ -38,6 +38,31 @@ from pigeon.protocol import ContactCode
 PASSPHRASE = "pigeon simulation"
 
 
+class EarlierRuns:
+    """What each node counted in its earlier runs (a restart is a new node,
+    or a new process, that starts its counters at zero): wire bytes and DHT
+    lookups, added to what the current run has counted."""
+
+    def __init__(self) -> None:
+        self._runs: dict[int, dict[str, Any]] = {}
+
+    def keep(self, node: int, metrics: dict[str, Any]) -> None:
+        """Add the counters of a run that is ending."""
+        self._runs[node] = self.total(node, metrics)
+
+    def total(self, node: int, current: dict[str, Any] | None) -> dict[str, Any]:
+        """``current`` (None: the node is not running) with its earlier runs added."""
+        earlier = self._runs.get(node, {})
+        metrics = dict(current or {})
+        for counter in ("wire_sent", "wire_received"):
+            metrics[counter] = int(metrics.get(counter, 0)) + int(earlier.get(counter, 0))
+        metrics["dht_lookups_ms"] = [
+            *earlier.get("dht_lookups_ms", []),
+            *metrics.get("dht_lookups_ms", []),
+        ]
+        return metrics
+
+
 @dataclass(frozen=True)
 class Arrival:
     """A message as its recipient's node stored it."""
@@ -92,7 +117,8 @@ class Fleet(Protocol):
         """A running node's sent messages: text -> "status" or "status: reason"."""
 
     async def metrics(self, node: int) -> dict[str, object]:
-        """``Node.metrics()`` of a running node, with wire bytes over all its runs."""
+        """``Node.metrics()`` over all the node's runs (its earlier runs' alone
+        when it is not running): wire bytes and DHT lookups summed."""
 
     async def split(self, side: set[int] | None) -> None:
         """Partition the network (``side`` against the rest), or heal it (None)."""
@@ -129,7 +155,7 @@ class LocalFleet:
         self.contacts: dict[tuple[int, int], Contact] = {}
         self.stops: dict[int, tuple[trio.Event, trio.Event]] = {}
         self.seen: dict[int, int] = {}  # last message row read, per node
-        self.wire_before: dict[int, tuple[int, int]] = {}  # bytes of earlier runs
+        self.earlier = EarlierRuns()
         self.side: set[int] | None = None
         self.bootstrap: dict[int, str] = {}  # mailbox peers, the others' way in
         self.started = time.process_time() + _children_cpu_s()
@@ -191,8 +217,7 @@ class LocalFleet:
 
     async def stop(self, node: int) -> None:
         running = self.nodes.pop(node)
-        sent, received = self.wire_before.get(node, (0, 0))
-        self.wire_before[node] = (sent + running.wire.sent, received + running.wire.received)
+        self.earlier.keep(node, running.metrics())
         stop, stopped = self.stops.pop(node)
         stop.set()
         await stopped.wait()
@@ -243,11 +268,8 @@ class LocalFleet:
         return self.nodes[node].transfers.list()
 
     async def metrics(self, node: int) -> dict[str, object]:
-        metrics = self.nodes[node].metrics()
-        sent, received = self.wire_before.get(node, (0, 0))
-        metrics["wire_sent"] = int(str(metrics["wire_sent"])) + sent
-        metrics["wire_received"] = int(str(metrics["wire_received"])) + received
-        return metrics
+        running = self.nodes.get(node)
+        return self.earlier.total(node, running.metrics() if running is not None else None)
 
     async def split(self, side: set[int] | None) -> None:
         self.side = side

@@ -12,6 +12,7 @@ created here with the cheaper of the database's two key-derivation settings
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -30,6 +31,7 @@ from pigeon.protocol import PigeonError
 from .fleet import (
     PASSPHRASE,
     Arrival,
+    EarlierRuns,
     Usage,
     loopback_address,
     outgoing,
@@ -75,7 +77,7 @@ class ProcessFleet:
         self.codes: dict[int, str] = {}
         self.bootstrap: dict[int, str] = {}
         self.seen: dict[int, int] = {}
-        self.wire_before: dict[int, tuple[int, int]] = {}
+        self.earlier = EarlierRuns()
         self.peak_kb: dict[int, int] = {}
         self.created: set[int] = set()
 
@@ -161,15 +163,8 @@ class ProcessFleet:
         process = self.processes.pop(node)
         self._sample(node, process)
         if how == signal.SIGTERM:
-            try:
-                metrics = await self._call(node, "metrics")
-                sent, received = self.wire_before.get(node, (0, 0))
-                self.wire_before[node] = (
-                    sent + int(metrics["wire_sent"]),
-                    received + int(metrics["wire_received"]),
-                )
-            except PigeonError:
-                pass
+            with contextlib.suppress(PigeonError):  # a daemon that no longer answers
+                self.earlier.keep(node, await self._call(node, "metrics"))
         process.send_signal(how)
         try:
             await trio.to_thread.run_sync(process.wait, STOP_TIMEOUT)
@@ -219,11 +214,9 @@ class ProcessFleet:
         return files
 
     async def metrics(self, node: int) -> dict[str, object]:
-        metrics = await self._call(node, "metrics")
-        sent, received = self.wire_before.get(node, (0, 0))
-        metrics["wire_sent"] = int(metrics["wire_sent"]) + sent
-        metrics["wire_received"] = int(metrics["wire_received"]) + received
-        return metrics
+        running = node in self.processes
+        current = await self._call(node, "metrics") if running else None
+        return self.earlier.total(node, current)
 
     async def split(self, side: set[int] | None) -> None:
         assert self.namespaces is not None, "refused at construction"

@@ -135,6 +135,7 @@ class Runner:
             nursery.cancel_scope.cancel()
         for node in sorted(self.up):
             await self._read(node)
+        for node in range(len(self.plan.names)):  # offline ones too: their earlier runs
             self.record.metrics[node] = await self.fleet.metrics(node)
         await self._explain_missing()
         self.record.ended_at = time.time()

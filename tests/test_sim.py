@@ -12,6 +12,7 @@ import sys
 import pytest
 from simcheck import check_lossless, events, sends
 
+from pigeon.sim.fleet import EarlierRuns
 from pigeon.sim.scenario import Scenario, plan
 from pigeon.sim.simulate import simulate
 
@@ -171,3 +172,19 @@ def test_daemons_in_network_namespaces_survive_a_real_partition_and_a_wan(tmp_pa
         subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
     )
     assert after == before, "the simulation left network namespaces behind"
+
+
+def test_a_restarted_nodes_earlier_runs_still_count() -> None:
+    earlier = EarlierRuns()
+    first = {"wire_sent": 10, "wire_received": 4, "dht_lookups_ms": [5.0], "connections": 3}
+    earlier.keep(0, first)
+    earlier.keep(0, {"wire_sent": 1, "wire_received": 1, "dht_lookups_ms": [7.0]})
+    now = earlier.total(0, {"wire_sent": 2, "wire_received": 0, "dht_lookups_ms": [], "x": 1})
+    assert now == {"wire_sent": 13, "wire_received": 5, "dht_lookups_ms": [5.0, 7.0], "x": 1}
+    # Offline at the end: its earlier runs alone; a node never stopped: nothing added.
+    assert earlier.total(0, None)["dht_lookups_ms"] == [5.0, 7.0]
+    assert earlier.total(1, {"wire_sent": 2, "wire_received": 0}) == {
+        "wire_sent": 2,
+        "wire_received": 0,
+        "dht_lookups_ms": [],
+    }
