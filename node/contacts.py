@@ -63,6 +63,12 @@ class Contact:
     alias: str | None
     last_seen: int | None
     record: DirectoryRecord | None
+    verified_at: int | None = None  # when its safety number was last found to match
+    blocked: bool = False
+
+    @property
+    def verified(self) -> bool:
+        return self.verified_at is not None
 
     @property
     def label(self) -> str:
@@ -83,7 +89,10 @@ def parse_dial_address(address: str) -> multiaddr.Multiaddr:
 
 
 class ContactBook:
-    _COLUMNS = "identity_key, identity_id, name, alias, last_seen, record"
+    _COLUMNS = (
+        "identity_key, identity_id, name, alias, last_seen, record, verified_at,"
+        " EXISTS (SELECT 1 FROM blocked b WHERE b.identity_key = contacts.identity_key)"
+    )
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -121,6 +130,8 @@ class ContactBook:
             None if row[3] is None else str(row[3]),
             None if row[4] is None else int(row[4]),  # type: ignore[call-overload]
             self._record(key, data),
+            None if row[6] is None else int(row[6]),  # type: ignore[call-overload]
+            bool(row[7]),
         )
 
     def get(self, key: bytes) -> Contact:
@@ -285,6 +296,14 @@ class ContactBook:
                     (device.certificate.peer_id, key),
                 )
         return record
+
+    def set_verified(self, contact: Contact, now: int | None) -> Contact:
+        """Mark a contact verified (at ``now``), or not verified (None)."""
+        self.db.execute(
+            "UPDATE contacts SET verified_at = ? WHERE identity_key = ?",
+            (now, contact.identity_key),
+        )
+        return self.get(contact.identity_key)
 
     def saw(self, key: bytes, now: int) -> None:
         self.db.execute("UPDATE contacts SET last_seen = ? WHERE identity_key = ?", (now, key))

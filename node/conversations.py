@@ -30,12 +30,14 @@ from dataclasses import dataclass
 
 from pigeon.protocol import (
     AppMessage,
+    ContactCode,
     Content,
     DecryptError,
     DirectoryRecord,
     FileOffer,
     IdentityKeyPair,
     IncomingMessage,
+    Introduction,
     MailboxToken,
     OneTimePrekey,
     PigeonError,
@@ -48,6 +50,7 @@ from pigeon.protocol import (
     Text,
     WebRTCSignal,
     check_text,
+    identity_id,
     open_envelope,
     seal,
 )
@@ -55,8 +58,9 @@ from pigeon.protocol.frames import digest
 from pigeon.protocol.mailbox import DepositToken
 from pigeon.protocol.messages import SignalType
 
-from .contacts import ContactBook, UnknownContact, short_id
+from .contacts import Contact, ContactBook, ContactExists, UnknownContact, short_id
 from .prekeys import Prekeys
+from .requests import RequestRefused, Requests
 from .storage import Database
 
 log = logging.getLogger("pigeon.conversations")
@@ -114,6 +118,7 @@ class Accepted:
     sender: bytes
     app: AppMessage | None  # None: we had this very envelope already
     new: bool  # the message was new to us (False for a copy sent again)
+    stranger: bool = False  # from an identity that is not a contact: kept as a request
 
 
 # A handler stores what an incoming kind means, inside the transaction that
@@ -138,12 +143,14 @@ class Conversations:
         self.identity = IdentityKeyPair(seed)
         self.name = (db.get_meta("name") or b"").decode()
         self.contacts = ContactBook(db)
+        self.requests = Requests(db)
         self.prekeys = Prekeys(db, self.identity, random, self.now)
         self._handlers: dict[type, Handler] = {
             Text: self._on_text,
             Receipt: self._on_receipt,
             SessionReset: self._on_reset,
             MailboxToken: self._on_token,
+            Introduction: lambda item: False,  # a contact's: we know them already
         }
         # Gives a deposit token for our mailboxes (the node's mailbox owner);
         # each contact gets one, inside the conversation, as messages flow.
@@ -303,6 +310,7 @@ class Conversations:
                 session = Session.initiate(
                     self.identity, record.bundle(one_time_prekey), self.random
                 )
+                self._introduce(key, session)
             for message_id, app, durable in rows:
                 envelope = seal(self.identity, key, session.encrypt(app), self.random)
                 # a copy encrypted in a session that was replaced will never be read
@@ -326,6 +334,24 @@ class Conversations:
                     self.db.execute("DELETE FROM pending_out WHERE message_id = ?", (message_id,))
             self._save_session(session, active=True if new else None)
         return len(rows)
+
+    def _introduce(self, key: bytes, session: Session) -> None:
+        """First in a session we start with a contact who has never written
+        to us, our name: we may be a stranger to them (a message request)."""
+        row = self.db.one("SELECT last_seen FROM contacts WHERE identity_key = ?", (key,))
+        if row is None or row[0] is not None or not self.name:
+            return
+        app = AppMessage.new(
+            Introduction(self.name),
+            lamport=self._next_lamport(key),
+            sent_at_ms=self.now_ms(),
+            random=self.random,
+        )
+        envelope = seal(self.identity, key, session.encrypt(app.encode()), self.random)
+        self.db.execute(
+            "INSERT INTO outbox (digest, contact, message_id, envelope) VALUES (?, ?, ?, ?)",
+            (digest(envelope), key, app.message_id, envelope),
+        )
 
     def _token_due(self, key: bytes) -> bool:
         """Queue a fresh deposit token for the contact when it is time (we are
@@ -459,10 +485,16 @@ class Conversations:
                     unreadable[error.sender] = unreadable.get(error.sender, 0) + 1
                     results.append(error)
                     continue
+                except RequestRefused as error:
+                    self.requests.count_refused(error.sender)
+                    results.append(error)
+                    continue
                 except PigeonError as error:
                     results.append(error)
                     continue
                 results.append(result)
+                if result.stranger:
+                    continue  # nothing goes back before the request is accepted
                 if result.new and result.app is not None:
                     self.db.execute(
                         "UPDATE messages SET via = ? WHERE id = ? AND direction = 'in'",
@@ -472,7 +504,9 @@ class Conversations:
                     receipts.setdefault(result.sender, []).append(result.app.message_id)
             for sender, ids in receipts.items():
                 self.send(sender, Receipt(ReceiptType.DELIVERED, tuple(ids)))
-            for sender in {r.sender for r in results if isinstance(r, Accepted) and r.new}:
+            for sender in {
+                r.sender for r in results if isinstance(r, Accepted) and r.new and not r.stranger
+            }:
                 self.retry_failed(sender)
             for sender, count in unreadable.items():
                 self._ask_for_reset(sender, count)
@@ -484,18 +518,25 @@ class Conversations:
             return Accepted(b"", None, new=False)
         opened = open_envelope(self.identity, envelope)
         sender = opened.sender_key
-        if not self.contacts.exists(sender):
+        if self.requests.is_blocked(sender):
             raise NotAContact()
+        stranger = not self.contacts.exists(sender)
+        if stranger and not self.requests.has_room(sender):
+            raise RequestRefused(sender)  # before any decryption: a share costs no more
         incoming = IncomingMessage.decode(opened.payload)
         try:
             plaintext, session, new_session = self._decrypt(sender, incoming)
         except DecryptError:
+            if stranger:
+                raise NotAContact() from None  # no reset for a stranger
             raise Undecryptable(sender) from None
         self.db.execute(
-            "INSERT INTO received_envelopes (digest, received_at) VALUES (?, ?)",
-            (envelope_digest, self.now()),
+            "INSERT INTO received_envelopes (digest, received_at, stranger) VALUES (?, ?, ?)",
+            (envelope_digest, self.now(), sender if stranger else None),
         )
         app = AppMessage.decode(plaintext)
+        if stranger:
+            return Accepted(sender, app, self.requests.store(sender, app, self.now()), True)
         handler = self._handlers.get(type(app.content))
         if handler is None:
             log.info("ignored a message of kind %s", type(app.content).__name__)
@@ -576,6 +617,49 @@ class Conversations:
         self.db.execute("UPDATE sessions SET active = 0 WHERE identity_key = ?", (sender,))
         self._resend_undelivered(sender)
         self.send(sender, SessionReset(ResetReason.UNDECRYPTABLE, count))
+
+    # -- message requests -------------------------------------------------------------------
+
+    def add_contact(self, code: ContactCode, alias: str | None) -> tuple[Contact, bool]:
+        """Add a contact (or find it there already); what it sent while a
+        stranger joins the conversation."""
+        with self.db.transaction():
+            _, added = self.contacts.add(code, alias, self.now())
+            if added and self.requests.pending(code.identity_key):
+                self._adopt(code.identity_key)
+        return self.contacts.get(code.identity_key), added
+
+    def accept_request(self, key: bytes) -> Contact:
+        """A stranger becomes a contact, under the name it introduced itself by."""
+        with self.db.transaction():
+            name = self.requests.name(key) or f"stranger {identity_id(key).hex()[:8]}"
+            code = ContactCode(key, name)
+            try:
+                self.contacts.add(code, None, self.now())
+            except ContactExists:  # someone of that name already: tell them apart
+                self.contacts.add(code, f"{name[:50]} {identity_id(key).hex()[:6]}", self.now())
+            self._adopt(key)
+        return self.contacts.get(key)
+
+    def _adopt(self, key: bytes) -> None:
+        """What a new contact sent as a stranger joins the conversation and is
+        confirmed to it now; the session it started goes on."""
+        texts = self.requests.take(key)
+        lamport = 0
+        for message_id, text, msg_lamport, sent_at, received_at in texts:
+            self.db.execute(
+                "INSERT OR IGNORE INTO messages (id, contact, direction, text, lamport,"
+                " sent_at, received_at, status, via)"
+                " VALUES (?, ?, 'in', ?, ?, ?, ?, 'received', 'request')",
+                (message_id, key, text, msg_lamport, sent_at, received_at),
+            )
+            lamport = max(lamport, msg_lamport)
+        self.db.execute(
+            "UPDATE contacts SET lamport = max(lamport, ?), last_seen = ? WHERE identity_key = ?",
+            (lamport, self.now(), key),
+        )
+        if texts:
+            self.send(key, Receipt(ReceiptType.DELIVERED, tuple(t[0] for t in texts)))
 
     # -- what incoming kinds mean -----------------------------------------------------------
 

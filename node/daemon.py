@@ -13,12 +13,22 @@ from typing import Any
 
 import trio
 
-from pigeon.protocol import ContactCode, PigeonError, identity_id
+from pigeon.protocol import (
+    ContactCode,
+    PigeonError,
+    compare_scannable,
+    identity_id,
+    safety_number,
+    scannable_fingerprint,
+    scannable_from_qr_text,
+    scannable_to_qr_text,
+)
 
 from . import control
 from .contacts import Contact
 from .host import quiet_libp2p_logs
 from .node import Node, NodeConfig
+from .requests import Request
 from .storage import Database
 
 log = logging.getLogger("pigeon.daemon")
@@ -51,6 +61,33 @@ def contact_json(node: Node, contact: Contact) -> dict[str, Any]:
         "identity_id": contact.identity_id,
         "online": node.is_online(contact),
         "last_seen": contact.last_seen,
+        "verified": contact.verified,
+        "blocked": contact.blocked,
+    }
+
+
+def verify_json(node: Node, contact: Contact) -> dict[str, Any]:
+    """What ``pigeon verify`` shows: the safety number and our scannable code."""
+    me = node.conversations.identity
+    theirs = (contact.identity_key, bytes.fromhex(contact.identity_id))
+    return {
+        "contact": contact_json(node, contact),
+        "identity_id": contact.identity_id,
+        "safety_number": safety_number(me.public_key, me.identity_id, *theirs),
+        "qr": scannable_to_qr_text(scannable_fingerprint(me.public_key, me.identity_id, *theirs)),
+        "verified": contact.verified,
+        "verified_at": contact.verified_at,
+    }
+
+
+def request_json(request: Request) -> dict[str, Any]:
+    return {
+        "identity_id": request.identity_id,
+        "name": request.name,
+        "first_at": request.first_at,
+        "last_at": request.last_at,
+        "messages": request.messages,
+        "refused": request.refused,
     }
 
 
@@ -64,6 +101,14 @@ ARGUMENTS: dict[str, frozenset[str]] = {
     "contacts.rename": frozenset({"contact", "alias"}),
     "contacts.remove": frozenset({"contact"}),
     "contacts.list": frozenset(),
+    "contacts.show": frozenset({"contact"}),
+    "verify": frozenset({"contact"}),
+    "verify.scan": frozenset({"contact", "code"}),
+    "verify.accept": frozenset({"contact"}),
+    "requests.list": frozenset(),
+    "requests.accept": frozenset({"id"}),
+    "block": frozenset({"id"}),
+    "unblock": frozenset({"id"}),
     "send": frozenset({"contact", "text"}),
     "inbox": frozenset({"contact", "after"}),
     "follow": frozenset({"contact", "after"}),
@@ -169,6 +214,22 @@ def _size_limit(request: dict[str, Any], key: str) -> int | None:
 Reply = control.Send
 
 
+def _identity(node: Node, name: str) -> bytes:
+    """The identity a block names: a message request's sender, or a contact."""
+    requests = node.conversations.requests
+    try:
+        return requests.find(name)
+    except PigeonError:
+        pass
+    try:
+        return node.contacts.find(name).identity_key
+    except PigeonError:
+        raise PigeonError(
+            f"{name!r} is neither a message request nor a contact"
+            " (see: pigeon requests, pigeon contacts list)"
+        ) from None
+
+
 def make_handler(node: Node, stop: trio.Event) -> control.Handler:
     conv = node.conversations
     contacts = node.contacts
@@ -252,6 +313,47 @@ def make_handler(node: Node, stop: trio.Event) -> control.Handler:
             return {"ok": True, "label": contact.label, **removed}
         if cmd == "contacts.list":
             return {"ok": True, "contacts": [contact_json(node, c) for c in contacts.all()]}
+        if cmd == "contacts.show":
+            return {
+                "ok": True,
+                "contact": contact_json(node, contacts.find(_text(request, "contact"))),
+            }
+        if cmd == "verify":
+            return {"ok": True, **verify_json(node, contacts.find(_text(request, "contact")))}
+        if cmd == "verify.scan":
+            name, scanned = _text(request, "contact"), _text(request, "code")
+            contact = contacts.find(name)
+            theirs = scannable_from_qr_text(scanned)
+            ours = scannable_from_qr_text(verify_json(node, contact)["qr"])
+            match = compare_scannable(ours, theirs)
+            if match:
+                contact = contacts.set_verified(contact, int(node.clock()))
+            return {"ok": True, "match": match, **verify_json(node, contact)}
+        if cmd == "verify.accept":
+            contact = contacts.find(_text(request, "contact"))
+            contact = contacts.set_verified(contact, int(node.clock()))
+            return {"ok": True, **verify_json(node, contact)}
+        if cmd == "requests.list":
+            return {
+                "ok": True,
+                "requests": [request_json(r) for r in conv.requests.all()],
+                "blocked": conv.requests.blocked(),
+            }
+        if cmd == "requests.accept":
+            contact = await node.accept_request(conv.requests.find(_text(request, "id")))
+            return {
+                "ok": True,
+                "contact": contact_json(node, contact),
+                "messages": conv.inbox(contact.identity_key),
+            }
+        if cmd == "block":
+            blocked = _identity(node, _text(request, "id"))
+            conv.requests.block(blocked, int(node.clock()))
+            return {"ok": True, "identity_id": identity_id(blocked).hex()}
+        if cmd == "unblock":
+            blocked = conv.requests.find_blocked(_text(request, "id"))
+            conv.requests.unblock(blocked)
+            return {"ok": True, "identity_id": identity_id(blocked).hex()}
         if cmd == "send":
             name, text = _text(request, "contact"), _text(request, "text")
             app = node.send_text(contacts.find(name), text)

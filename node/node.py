@@ -296,12 +296,22 @@ class Node:
     async def add_contact(self, code: ContactCode, alias: str | None) -> tuple[Contact, bool]:
         """Add a contact (or find it already there), then look up its record
         and say hello to its devices."""
-        contact, added = self.contacts.add(code, alias, int(self.clock()))
+        contact, added = self.conversations.add_contact(code, alias)
         with trio.move_on_after(15):
             record = await self.directory.refresh(contact.identity_key)
             for device in record.devices if record else ():
                 self.spawn(self.presence.greet, ID(device.certificate.peer_id))
         return self.contacts.get(contact.identity_key), added
+
+    async def accept_request(self, key: bytes) -> Contact:
+        """A stranger's request accepted: a contact now, looked up and greeted."""
+        self.conversations.accept_request(key)
+        self.courier.wake(key, now=True)  # the receipt for what it sent
+        with trio.move_on_after(15):
+            record = await self.directory.refresh(key)
+            for device in record.devices if record else ():
+                self.spawn(self.presence.greet, ID(device.certificate.peer_id))
+        return self.contacts.get(key)
 
     def is_online(self, contact: Contact) -> bool:
         """Online: a live connection to one of its devices, which announced itself."""
@@ -350,6 +360,11 @@ class Node:
         return app
 
     def send_text(self, contact: Contact, text: str) -> AppMessage:
+        if contact.blocked:
+            raise PigeonError(
+                f"{contact.label} is blocked: nothing goes to them (pigeon unblock"
+                f" {contact.identity_id[:8]} first)"
+            )
         app = self.conversations.send_text(contact.identity_key, text)
         self.courier.wake(contact.identity_key, now=True)
         return app

@@ -179,6 +179,25 @@ MIGRATIONS: list[str] = [
     ALTER TABLE my_mailboxes ADD COLUMN failing_since INTEGER;
     ALTER TABLE my_mailboxes ADD COLUMN retired_at INTEGER;
     """,
+    # version 8: trust.  A contact is marked verified once its safety number
+    # was compared; identities can be blocked; a stranger's first messages
+    # wait in a bounded list of requests until accepted (requests.py).
+    """
+    ALTER TABLE contacts ADD COLUMN verified_at INTEGER;
+    CREATE TABLE blocked (
+        identity_key BLOB PRIMARY KEY, identity_id TEXT NOT NULL, blocked_at INTEGER NOT NULL);
+    CREATE TABLE requests (
+        identity_key BLOB PRIMARY KEY, identity_id TEXT NOT NULL, name TEXT,
+        first_at INTEGER NOT NULL, last_at INTEGER NOT NULL,
+        messages INTEGER NOT NULL DEFAULT 0, refused INTEGER NOT NULL DEFAULT 0);
+    CREATE INDEX requests_by_age ON requests (first_at);
+    CREATE TABLE request_messages (
+        id BLOB PRIMARY KEY, identity_key BLOB NOT NULL, text TEXT NOT NULL,
+        lamport INTEGER NOT NULL, sent_at INTEGER NOT NULL, received_at INTEGER NOT NULL);
+    CREATE INDEX request_messages_by_sender ON request_messages (identity_key, lamport);
+    ALTER TABLE received_envelopes ADD COLUMN stranger BLOB;
+    CREATE INDEX received_envelopes_by_stranger ON received_envelopes (stranger);
+    """,
 ]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
+from .contact import MAX_NAME_CHARS, validate_name
 from .crypto import Random
 from .errors import LocalProtocolError, ProtocolError
 from .mailbox import MAX_TOKEN_SIZE, DepositToken
@@ -52,6 +53,7 @@ class Kind(IntEnum):
     WEBRTC_SIGNAL = 4
     SESSION_RESET = 5
     MAILBOX_TOKEN = 6
+    INTRODUCTION = 7
 
 
 class ReceiptType(IntEnum):
@@ -189,6 +191,16 @@ class MailboxToken:
 
 
 @dataclass(frozen=True)
+class Introduction:
+    """The sender's display name, first in every session it starts with
+    someone who has not yet written back: a person who has not added the
+    sender sees who the message request is from.  Self-chosen, as the name
+    in a contact code is; it proves nothing but the identity key it came with."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class Unknown:
     """A kind from a newer version: keep the bytes, show nothing."""
 
@@ -196,7 +208,9 @@ class Unknown:
     body: bytes
 
 
-Content = Text | Receipt | FileOffer | WebRTCSignal | SessionReset | MailboxToken | Unknown
+Content = (
+    Text | Receipt | FileOffer | WebRTCSignal | SessionReset | MailboxToken | Introduction | Unknown
+)
 
 
 def _encode_content(content: Content) -> tuple[int, bytes]:
@@ -228,6 +242,8 @@ def _encode_content(content: Content) -> tuple[int, bytes]:
         return Kind.SESSION_RESET, Writer().uint(1, content.reason).uint(2, content.failed).finish()
     if isinstance(content, MailboxToken):
         return Kind.MAILBOX_TOKEN, Writer().bytes_(1, content.token).finish()
+    if isinstance(content, Introduction):
+        return Kind.INTRODUCTION, Writer().text(1, content.name).finish()
     return content.kind, content.body
 
 
@@ -275,6 +291,8 @@ def _decode_content(kind: int, body: bytes) -> Content:
         raw = Fields(body).bytes_(1, max_size=MAX_TOKEN_SIZE)
         DepositToken.decode(raw)  # well-formed; only a mailbox can check it is genuine
         return MailboxToken(raw)
+    if kind == Kind.INTRODUCTION:
+        return Introduction(validate_name(Fields(body).text(1, max_size=4 * MAX_NAME_CHARS)))
     return Unknown(kind, body)
 
 

@@ -150,7 +150,7 @@ def test_a_redelivered_envelope_is_a_duplicate_not_an_error(pair):
     alice, bob, _ = pair
     alice.send_text(bob.identity.public_key, "once")
     alice.encrypt_queued(bob.identity.public_key, record_of(bob))
-    ((_, envelope),) = alice.pending_envelopes(bob.identity.public_key)
+    *_, (_, envelope) = alice.pending_envelopes(bob.identity.public_key)  # after the introduction
     first, again = bob.accept_envelopes([envelope, envelope])
     assert first.app is not None and first.new
     assert again.app is None and not again.new
@@ -161,7 +161,7 @@ def test_a_bad_envelope_in_a_batch_leaves_no_trace_and_spares_the_rest(pair):
     alice, bob, _ = pair
     alice.send_text(bob.identity.public_key, "good")
     alice.encrypt_queued(bob.identity.public_key, record_of(bob))
-    ((_, good),) = alice.pending_envelopes(bob.identity.public_key)
+    *_, (_, good) = alice.pending_envelopes(bob.identity.public_key)
     bad = bytearray(good)
     bad[-20] ^= 1
     results = bob.accept_envelopes([bytes(bad), good])
@@ -198,7 +198,7 @@ def test_a_replayed_first_message_creates_nothing(pair):
     alice, bob, _ = pair
     alice.send_text(bob.identity.public_key, "hello")
     alice.encrypt_queued(bob.identity.public_key, record_of(bob))
-    ((_, envelope),) = alice.pending_envelopes(bob.identity.public_key)
+    *_, (_, envelope) = alice.pending_envelopes(bob.identity.public_key)
     bob.accept_envelopes([envelope])
     bob.db.execute("DELETE FROM received_envelopes")  # defeat the cheap check
     result = bob.accept_envelopes([envelope])[0]
@@ -227,38 +227,40 @@ def test_signed_prekey_rotates_and_the_previous_one_stays_usable(pair):
 
 
 @ORDERS
-def test_a_message_to_someone_who_has_not_added_us_fails_then_arrives_once_they_do(tmp_path, order):
-    """Alice adds Bob; Bob has not added Alice.  Her message is refused: it
-    reads failed, with the reason, never sent.  Once Bob adds her and writes
-    to her, it is sent again and arrives once."""
+def test_a_message_to_someone_who_has_not_added_us_waits_as_a_request_until_they_do(
+    tmp_path, order
+):
+    """Alice adds Bob; Bob has not added Alice.  Her message is read and kept
+    as a request, with the name she introduced herself by: she sees sent
+    (true: his node stored it), never delivered, and his node says nothing
+    to her.  Once Bob adds her, it joins the conversation, is confirmed, and
+    the session she started goes on."""
     clock = Clock()
     alice, bob = make_two(tmp_path, clock, order)
     a_key, b_key = alice.identity.public_key, bob.identity.public_key
     befriend(alice, bob)
     alice.send_text(b_key, "hello bob")
     results = flush(alice, bob)
-    assert isinstance(results[0], DecryptError)  # the same opaque refusal as garbage
+    assert all(getattr(r, "stranger", False) for r in results)
     assert texts(bob) == []
-    (message,) = [m for m in alice.inbox() if m["direction"] == "out"]
-    assert message["status"] == "failed" and message["reason"] == "refused"
-    assert bob.db.one("SELECT count(*) FROM sessions")[0] == 0  # nothing kept for a stranger
-    assert bob.db.one("SELECT count(*) FROM pending_out")[0] == 0  # and nothing said to one
+    (request,) = bob.requests.all()
+    assert request.name == "alice" and request.identity_id == alice.identity.identity_id.hex()
+    assert [m["text"] for m in request.messages] == ["hello bob"]
+    assert statuses(alice) == ["sent"]
+    assert bob.db.one("SELECT count(*) FROM pending_out")[0] == 0  # nothing said to a stranger
 
-    befriend(bob, alice)
+    _, added = bob.add_contact(ContactCode(a_key, "alice"), None)
+    assert added and bob.requests.all() == []
+    assert texts(bob) == ["hello bob"]
     bob.send_text(a_key, "hi alice, added you")
     exchange(bob, alice)
-    assert texts(bob) == ["hello bob"]
     assert texts(alice) == ["hi alice, added you"]
     assert statuses(alice) == ["delivered"] and statuses(bob) == ["delivered"]
+    assert bob.db.one("SELECT count(*) FROM sessions")[0] == 1  # hers, carried on
 
 
 @ORDERS
-def test_a_message_left_with_a_mailbox_for_someone_who_refused_it_arrives_once_they_write(
-    tmp_path, order
-):
-    """The same, but the envelope was stored by a mailbox (so Alice sees sent,
-    which is true) and Bob refused it when he collected it, telling a stranger
-    nothing.  When Bob writes first, Alice sends it again."""
+def test_a_request_collected_from_a_mailbox_is_accepted_by_its_sender_s_name(tmp_path, order):
     clock = Clock()
     alice, bob = make_two(tmp_path, clock, order)
     a_key, b_key = alice.identity.public_key, bob.identity.public_key
@@ -268,13 +270,40 @@ def test_a_message_left_with_a_mailbox_for_someone_who_refused_it_arrives_once_t
     pending = alice.pending_envelopes(b_key)
     alice.stored([d for d, _ in pending])  # a mailbox stored it
     assert statuses(alice) == ["sent"]
-    assert isinstance(bob.accept_envelopes([e for _, e in pending])[0], DecryptError)
-
-    befriend(bob, alice)
-    bob.send_text(a_key, "now I know you")
-    exchange(bob, alice)
+    bob.accept_envelopes([e for _, e in pending], via="mailbox")
+    contact = bob.accept_request(bob.requests.find(alice.identity.identity_id.hex()[:8]))
+    assert contact.label == "alice" and contact.identity_key == a_key
     assert texts(bob) == ["left with a mailbox"]
+    exchange(bob, alice)
     assert statuses(alice) == ["delivered"]
+    alice.send_text(b_key, "and now?")
+    exchange(alice, bob)
+    assert texts(bob) == ["left with a mailbox", "and now?"]
+
+
+def test_a_blocked_stranger_is_refused_and_its_request_forgotten(tmp_path):
+    clock = Clock()
+    alice, bob = make_two(tmp_path, clock, "alice lower")
+    a_key, b_key = alice.identity.public_key, bob.identity.public_key
+    befriend(alice, bob)
+    alice.send_text(b_key, "one")
+    flush(alice, bob)
+    bob.requests.block(a_key, bob.now())
+    assert bob.requests.all() == []
+    assert bob.db.one("SELECT count(*) FROM sessions")[0] == 0
+    alice.send_text(b_key, "two")
+    results = flush(alice, bob)
+    assert results and all(isinstance(r, DecryptError) for r in results)  # opaque, as garbage
+    assert bob.requests.all() == []
+    # A blocked contact is refused too; unblocking lets the next ones in.
+    bob.add_contact(ContactCode(a_key, "alice"), None)
+    alice.send_text(b_key, "three")
+    assert all(isinstance(r, DecryptError) for r in flush(alice, bob))
+    assert bob.requests.unblock(a_key)
+    alice.db.execute("DELETE FROM sessions")  # start afresh, as after her retry
+    alice.send_text(b_key, "four")
+    flush(alice, bob)
+    assert "four" in texts(bob)
 
 
 def test_a_contact_who_lost_our_session_asks_for_a_new_one_and_everything_arrives(pair):

@@ -42,6 +42,7 @@ from pigeon.protocol import (
     FileOffer,
     IdentityKeyPair,
     IncomingMessage,
+    Introduction,
     MailboxToken,
     OneTimePrekey,
     PrekeyBundle,
@@ -413,6 +414,11 @@ CONTENTS: dict[str, tuple[Content, int, Encoded | bytes]] = {
         MailboxToken(TOKEN.encode()),
         Kind.MAILBOX_TOKEN,
         Encoded("MailboxToken", {"token": Encoded("DepositToken", token_fields(TOKEN))}),
+    ),
+    "introduction": (
+        Introduction("Zoë 🐦"),
+        Kind.INTRODUCTION,
+        Encoded("Introduction", {"name": "Zoë 🐦"}),
     ),
     # An open enum in the schema: protobuf keeps a kind it does not know, as we do.
     "unknown kind": (Unknown(0xFFFF, FUTURE_BODY), 0xFFFF, FUTURE_BODY),

@@ -184,9 +184,17 @@ def run_chat(home: Path, contact: str) -> int:
     session: PromptSession[str] = PromptSession(
         key_bindings=_bounded_input(print), input=_coalescing_input()
     )
+    shown = sender.request("contacts.show", contact=contact)["contact"]
+    trust = (
+        "blocked: nothing goes to them"
+        if shown["blocked"]
+        else "verified"
+        if shown["verified"]
+        else f"not verified: pigeon verify {safe_line(contact)}"
+    )
     with patch_stdout():
         follower.start()
-        print(f"chatting with {safe_line(contact)}; Ctrl-D to leave")
+        print(f"chatting with {safe_line(shown['label'])} ({trust}); Ctrl-D to leave")
         while True:
             try:
                 text = session.prompt("> ")

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pigeon.protocol import MAX_TEXT_BYTES, PigeonError, check_text
+from pigeon.protocol import MAX_TEXT_BYTES, PigeonError, check_text, format_safety_number
 
-from . import files, sim
+from . import files, qr, sim
 from .term import safe, safe_line
 
 
@@ -128,8 +128,14 @@ def _parser() -> argparse.ArgumentParser:
 
     contacts = commands.add_parser("contacts", help="add, list, rename or remove contacts")
     sub = contacts.add_subparsers(dest="action", required=True, metavar="ACTION")
-    add = sub.add_parser("add", help="add a contact by contact code")
-    add.add_argument("code", help="the contact code (pigeon:...)")
+    add = sub.add_parser(
+        "add", help="add a contact by contact code, or by a picture of its QR code"
+    )
+    add.add_argument(
+        "code",
+        metavar="CODE|QR.png",
+        help="the contact code (pigeon:...) or an image of its QR code",
+    )
     add.add_argument("--as", dest="alias", metavar="ALIAS", help="what to call the contact")
     listing = sub.add_parser("list", help="list contacts with presence")
     listing.add_argument("--json", action="store_true")
@@ -140,6 +146,39 @@ def _parser() -> argparse.ArgumentParser:
         "remove", help="forget a contact: its sessions, queued messages and history"
     )
     remove.add_argument("contact")
+
+    verify = commands.add_parser(
+        "verify",
+        help="compare safety numbers with a contact, and mark it verified",
+        description="Show the safety number you share with a contact (the same 60 digits"
+        " on both sides) and a QR code of it.  Compare the numbers aloud, then --accept;"
+        " or --scan a picture of the contact's QR code, which marks the contact verified"
+        " only if it matches.",
+    )
+    verify.add_argument("contact")
+    verify.add_argument("--json", action="store_true")
+    verify.add_argument("--png", metavar="FILE", help="write the safety number's QR code to FILE")
+    how = verify.add_mutually_exclusive_group()
+    how.add_argument(
+        "--scan", metavar="FILE", help="compare with the contact's QR code in this image"
+    )
+    how.add_argument(
+        "--accept", action="store_true", help="mark verified: you compared the numbers aloud"
+    )
+
+    requests = commands.add_parser(
+        "requests", help="messages from people who are not your contacts (yet)"
+    )
+    requests.add_argument("--json", action="store_true")
+    requests_sub = requests.add_subparsers(dest="action", metavar="ACTION")
+    accept_request = requests_sub.add_parser(
+        "accept", help="make the sender a contact and show the conversation"
+    )
+    accept_request.add_argument("id", metavar="ID", help="the sender's identity ID (or its start)")
+    block = commands.add_parser("block", help="refuse everything from an identity from now on")
+    block.add_argument("id", metavar="ID", help="a message request's identity ID, or a contact")
+    unblock = commands.add_parser("unblock", help="stop refusing an identity")
+    unblock.add_argument("id", metavar="ID", help="the blocked identity ID (or its start)")
 
     send = commands.add_parser(
         "send",
@@ -248,10 +287,7 @@ def cmd_id(home: Path, args: argparse.Namespace) -> int:
             db.close()
     info.pop("ok", None)
     if args.png:
-        import qrcode
-        from qrcode.image.pure import PyPNGImage
-
-        qrcode.make(info["contact_code"], image_factory=PyPNGImage).save(args.png)
+        qr.write_png(info["contact_code"], args.png)
     if args.json:
         print(json.dumps(info))
     else:
@@ -262,11 +298,7 @@ def cmd_id(home: Path, args: argparse.Namespace) -> int:
             print(f"address      {address}")
         print(f"contact code {info['contact_code']}")
     if args.qr:
-        import qrcode
-
-        code = qrcode.QRCode(border=2)
-        code.add_data(info["contact_code"])
-        code.print_ascii(invert=True)
+        qr.print_terminal(info["contact_code"])
     return 0
 
 
@@ -344,9 +376,9 @@ def cmd_stop(home: Path, args: argparse.Namespace) -> int:
 
 
 def cmd_contacts(home: Path, args: argparse.Namespace) -> int:
-    client = _client(home)
     if args.action == "add":
-        reply = client.request("contacts.add", code=args.code, alias=args.alias)
+        code = _contact_code(args.code)
+        reply = _client(home).request("contacts.add", code=code, alias=args.alias)
         contact = reply["contact"]
         label = safe_line(contact["label"])
         if reply["added"]:
@@ -354,6 +386,7 @@ def cmd_contacts(home: Path, args: argparse.Namespace) -> int:
         else:
             print(f"{label} is already a contact ({contact['identity_id']})")
         return 0
+    client = _client(home)
     if args.action == "rename":
         contact = client.request("contacts.rename", contact=args.contact, alias=args.alias)
         print(f"renamed to {safe_line(contact['contact']['label'])}")
@@ -375,7 +408,110 @@ def cmd_contacts(home: Path, args: argparse.Namespace) -> int:
             else "never"
         )
         presence = "online" if contact["online"] else f"last seen {seen}"
-        print(f"{safe_line(contact['label']):20} {contact['identity_id'][:16]}  {presence}")
+        trust = "blocked " if contact["blocked"] else "verified" if contact["verified"] else ""
+        print(
+            f"{safe_line(contact['label']):20} {contact['identity_id'][:16]}  {trust:8}  {presence}"
+        )
+    return 0
+
+
+def _contact_code(argument: str) -> str:
+    """A contact code given as text, or read from a picture of its QR code."""
+    if argument.startswith("pigeon:"):
+        return argument
+    path = Path(argument).expanduser()
+    if not path.exists() and not path.suffix:
+        raise UsageError(
+            f"{argument[:60]!r} is neither a contact code (pigeon:...) nor an image file"
+        )
+    text = qr.read(path)
+    if not text.startswith("pigeon:"):
+        raise UsageError(f"the QR code in {path} is not a Pigeon contact code")
+    return text
+
+
+def cmd_verify(home: Path, args: argparse.Namespace) -> int:
+    client = _client(home)
+    if args.scan:
+        scanned = qr.read(Path(args.scan).expanduser())
+        reply = client.request("verify.scan", contact=args.contact, code=scanned)
+    elif args.accept:
+        reply = client.request("verify.accept", contact=args.contact)
+    else:
+        reply = client.request("verify", contact=args.contact)
+    if args.png:
+        qr.write_png(reply["qr"], args.png)
+    label = safe_line(reply["contact"]["label"])
+    if args.json:
+        out = {k: reply[k] for k in ("identity_id", "safety_number", "verified", "verified_at")}
+        out["label"] = reply["contact"]["label"]
+        if "match" in reply:
+            out["match"] = reply["match"]
+        print(json.dumps(out))
+    else:
+        groups = format_safety_number(reply["safety_number"]).split()
+        print(f"safety number with {label} ({reply['identity_id'][:16]}):")
+        for row in range(3):
+            print("  " + " ".join(groups[4 * row : 4 * row + 4]))
+        if not args.scan and not args.accept:
+            qr.print_terminal(reply["qr"])
+            state = "verified" if reply["verified"] else "not verified"
+            print(
+                f"{label} is {state}.  Compare these digits with theirs (in person or on a call"
+                f" you trust), then: pigeon verify {args.contact} --accept;"
+                f" or scan their code: pigeon verify {args.contact} --scan THEIR.png"
+            )
+    if reply.get("match") is False:
+        raise PigeonError(
+            f"the scanned code does NOT match your safety number with {label}: nothing was"
+            " marked.  It may be another person's code, or someone may be between you; compare"
+            " the numbers aloud"
+        )
+    if (args.scan or args.accept) and not args.json:
+        print(f"{label} is verified")
+    return 0
+
+
+def cmd_requests(home: Path, args: argparse.Namespace) -> int:
+    client = _client(home)
+    if args.action == "accept":
+        reply = client.request("requests.accept", id=args.id)
+        contact = reply["contact"]
+        print(f"added {safe_line(contact['label'])} ({contact['identity_id']})")
+        for message in reply["messages"]:
+            _print_message(message, args.json)
+        return 0
+    reply = client.request("requests.list")
+    if args.json:
+        for request in reply["requests"]:
+            print(json.dumps(request))
+        return 0
+    if not reply["requests"]:
+        print("no message requests")
+    for request in reply["requests"]:
+        name = safe_line(request["name"]) if request["name"] else "(no name given)"
+        refused = f", {request['refused']} more refused" if request["refused"] else ""
+        print(f"{request['identity_id'][:16]}  says they are {name}{refused}")
+        for message in request["messages"]:
+            print(f"    {safe_line(str(message['text']))}")
+    if reply["requests"]:
+        print("accept one: pigeon requests accept ID   refuse it for good: pigeon block ID")
+    for blocked in reply["blocked"]:
+        print(
+            f"blocked: {blocked['identity_id'][:16]}  (pigeon unblock {blocked['identity_id'][:8]})"
+        )
+    return 0
+
+
+def cmd_block(home: Path, args: argparse.Namespace) -> int:
+    reply = _client(home).request("block", id=args.id)
+    print(f"blocked {reply['identity_id'][:16]}: everything from it is refused from now on")
+    return 0
+
+
+def cmd_unblock(home: Path, args: argparse.Namespace) -> int:
+    reply = _client(home).request("unblock", id=args.id)
+    print(f"unblocked {reply['identity_id'][:16]}")
     return 0
 
 
@@ -475,6 +611,10 @@ COMMANDS = {
     "id": cmd_id,
     "daemon": cmd_daemon,
     "contacts": cmd_contacts,
+    "verify": cmd_verify,
+    "requests": cmd_requests,
+    "block": cmd_block,
+    "unblock": cmd_unblock,
     "send": cmd_send,
     "inbox": cmd_inbox,
     "chat": cmd_chat,
