@@ -32,6 +32,12 @@ VERIFIED_CACHE = 4096  # verified records kept, so a lookup does not check a sig
 # session starts from it: its signed prekey may have been replaced.
 RECORD_REFRESH_AGE = 7 * 24 * 3600
 
+# What a message to a contact that moved to a new identity waits for.
+KEY_CHANGE_WAIT = (
+    "the contact moved to a new identity: nothing is sent until you accept it"
+    " (pigeon contacts accept-key) or verify it (pigeon verify)"
+)
+
 
 def is_current(record: DirectoryRecord | None, now: float) -> bool:
     """A record to start a session from without looking for a newer one."""
@@ -65,6 +71,9 @@ class Contact:
     record: DirectoryRecord | None
     verified_at: int | None = None  # when its safety number was last found to match
     blocked: bool = False
+    # The identity its old key says it moved to, until the user accepts it
+    # (pigeon contacts accept-key): nothing is sent to either meanwhile.
+    moved_to: bytes | None = None
 
     @property
     def verified(self) -> bool:
@@ -91,7 +100,8 @@ def parse_dial_address(address: str) -> multiaddr.Multiaddr:
 class ContactBook:
     _COLUMNS = (
         "identity_key, identity_id, name, alias, last_seen, record, verified_at,"
-        " EXISTS (SELECT 1 FROM blocked b WHERE b.identity_key = contacts.identity_key)"
+        " EXISTS (SELECT 1 FROM blocked b WHERE b.identity_key = contacts.identity_key),"
+        " moved_to"
     )
 
     def __init__(self, db: Database) -> None:
@@ -132,6 +142,7 @@ class ContactBook:
             self._record(key, data),
             None if row[6] is None else int(row[6]),  # type: ignore[call-overload]
             bool(row[7]),
+            None if row[8] is None else bytes(row[8]),  # type: ignore[call-overload]
         )
 
     def get(self, key: bytes) -> Contact:
@@ -294,6 +305,34 @@ class ContactBook:
                 self.db.execute(
                     "INSERT OR IGNORE INTO contact_devices (peer_id, identity_key) VALUES (?, ?)",
                     (device.certificate.peer_id, key),
+                )
+            moved_to = record.moved_to
+            if (
+                moved_to is not None
+                and self.db.one(
+                    "SELECT 1 FROM contacts WHERE identity_key = ? AND moved_to IS ?",
+                    (key, moved_to),
+                )
+                is None
+            ):
+                # Signed by the key we hold, countersigned by the new one
+                # (DirectoryRecord.verify checked both).  The verified mark
+                # was for the old key: it goes.
+                self.db.execute(
+                    "UPDATE contacts SET moved_to = ?, moved_at = ?, verified_at = NULL"
+                    " WHERE identity_key = ?",
+                    (moved_to, now, key),
+                )
+                self.db.execute(
+                    "UPDATE messages SET reason = ? WHERE contact = ? AND direction = 'out'"
+                    " AND status IN ('pending', 'failed')",
+                    (KEY_CHANGE_WAIT, key),
+                )
+                log.warning(
+                    "KEY CHANGE: contact %s says it moved to identity %s; nothing is sent to"
+                    " it until the user accepts the new key",
+                    short_id(key),
+                    short_id(moved_to),
                 )
         return record
 

@@ -45,6 +45,7 @@ from pigeon.protocol import (
     Receipt,
     ReceiptType,
     ResetReason,
+    Rotation,
     Session,
     SessionReset,
     Text,
@@ -141,6 +142,12 @@ class Conversations:
         if seed is None:
             raise PigeonError("this database holds no identity (run: pigeon init)")
         self.identity = IdentityKeyPair(seed)
+        # After `pigeon identity rotate`: the identity we moved from (its record
+        # goes on saying so) and the statement both keys signed.
+        previous = db.get_meta("previous_identity_seed")
+        self.previous_identity = None if previous is None else IdentityKeyPair(previous)
+        rotation = db.get_meta("rotation")
+        self.rotation = None if rotation is None else Rotation.decode(rotation)
         self.name = (db.get_meta("name") or b"").decode()
         self.contacts = ContactBook(db)
         self.requests = Requests(db)
@@ -175,6 +182,33 @@ class Conversations:
             db.set_meta("device_seed", random(32))
             db.set_meta("name", name.encode())
             db.set_meta("record_sequence", b"0")
+
+    @staticmethod
+    def rotate(db: Database, random: Random, now: int) -> Rotation:
+        """Move to a new identity (the daemon is not running).  The old key
+        signs the move and is kept to say so in its record; sessions started
+        under it end, and everything not yet confirmed goes out again from
+        the new identity, introduced by name, as the contacts' nodes will
+        hold it as a message request until their users accept the new key."""
+        with db.transaction():
+            seed = db.get_meta("identity_seed")
+            if seed is None:
+                raise PigeonError("this database holds no identity (run: pigeon init)")
+            old, new = IdentityKeyPair(seed), IdentityKeyPair.generate(random)
+            rotation = Rotation.create(old, new, now)
+            db.set_meta("previous_identity_seed", old.seed)
+            db.set_meta("identity_seed", new.seed)
+            db.set_meta("rotation", rotation.encode())
+            db.execute("DELETE FROM sessions")
+            db.execute("DELETE FROM outbox")
+            db.execute("UPDATE pending_out SET session = NULL")
+            # One-time prekeys are signed by the identity: the old ones are
+            # no use to anyone now.
+            db.execute("DELETE FROM one_time_prekeys")
+            # Safety numbers change with the key; every contact must hear
+            # our name again, from the new identity.
+            db.execute("UPDATE contacts SET verified_at = NULL, last_seen = NULL")
+        return rotation
 
     @property
     def device_seed(self) -> bytes:
@@ -336,10 +370,10 @@ class Conversations:
         return len(rows)
 
     def _introduce(self, key: bytes, session: Session) -> None:
-        """First in a session we start with a contact who has never written
-        to us, our name: we may be a stranger to them (a message request)."""
-        row = self.db.one("SELECT last_seen FROM contacts WHERE identity_key = ?", (key,))
-        if row is None or row[0] is not None or not self.name:
+        """First in a session we start with a contact we share no session
+        with (we write first, or we moved to a new identity), our name: we
+        may be a stranger to them (a message request)."""
+        if not self.name or self.db.one("SELECT 1 FROM sessions WHERE identity_key = ?", (key,)):
             return
         app = AppMessage.new(
             Introduction(self.name),
@@ -388,9 +422,12 @@ class Conversations:
         return [
             bytes(r[0])
             for r in self.db.all(
-                "SELECT contact FROM outbox UNION SELECT p.contact FROM pending_out p"
-                " WHERE p.session IS NULL OR NOT EXISTS (SELECT 1 FROM sessions s"
-                " WHERE s.base_key = p.session AND s.active = 1)"
+                "SELECT * FROM (SELECT contact FROM outbox UNION SELECT p.contact"
+                " FROM pending_out p WHERE p.session IS NULL OR NOT EXISTS"
+                " (SELECT 1 FROM sessions s WHERE s.base_key = p.session AND s.active = 1))"
+                # nothing goes to a contact that moved until its user accepts the move
+                " WHERE contact NOT IN (SELECT identity_key FROM contacts"
+                " WHERE moved_to IS NOT NULL)"
             )
         ]
 
@@ -660,6 +697,51 @@ class Conversations:
         )
         if texts:
             self.send(key, Receipt(ReceiptType.DELIVERED, tuple(t[0] for t in texts)))
+
+    def accept_key(self, old: bytes, new: bytes) -> Contact:
+        """The contact with key ``old`` is ``new`` from now on: the move its
+        old key signed (``moved_to``), or, after a lost device, the identity
+        of a message request its user vouches for.  Its history, unsent and
+        failed messages and files go with it; they go out again in a session
+        with the new identity, and what the new identity sent as a request
+        joins the conversation."""
+        with self.db.transaction():
+            self.contacts.get(old)  # raises for a contact that is not (any more)
+            if self.contacts.exists(new):
+                raise ContactExists(
+                    f"{identity_id(new).hex()[:16]} is already one of your contacts;"
+                    " remove it first to move this contact to it"
+                )
+            self.db.execute(
+                "UPDATE contacts SET identity_key = ?, identity_id = ?, record = NULL,"
+                " record_sequence = -1, moved_to = NULL, moved_at = NULL, verified_at = NULL,"
+                " reset_at = NULL WHERE identity_key = ?",
+                (new, identity_id(new).hex(), old),
+            )
+            for table in ("messages", "transfers"):
+                self.db.execute(f"UPDATE {table} SET contact = ? WHERE contact = ?", (new, old))
+            self.db.execute(
+                "UPDATE pending_out SET contact = ?, session = NULL WHERE contact = ?", (new, old)
+            )
+            self.db.execute(
+                "UPDATE messages SET reason = NULL WHERE contact = ? AND status = 'pending'",
+                (new,),
+            )
+            for table, column in (
+                ("outbox", "contact"),
+                ("sessions", "identity_key"),
+                ("contact_devices", "identity_key"),
+            ):
+                self.db.execute(f"DELETE FROM {table} WHERE {column} = ?", (old,))
+            self.requests.unblock(new)
+            if self.requests.pending(new):
+                self._adopt(new)
+            log.warning(
+                "contact %s moved to identity %s, accepted by the user",
+                short_id(old),
+                short_id(new),
+            )
+        return self.contacts.get(new)
 
     # -- what incoming kinds mean -----------------------------------------------------------
 

@@ -63,16 +63,32 @@ def contact_json(node: Node, contact: Contact) -> dict[str, Any]:
         "last_seen": contact.last_seen,
         "verified": contact.verified,
         "blocked": contact.blocked,
+        "key_change": key_change(node, contact),
     }
+
+
+def key_change(node: Node, contact: Contact) -> dict[str, Any] | None:
+    """A contact's pending move to a new identity: signed by its old key
+    (its record says so), or only claimed (a message request from another
+    identity under the contact's name, as after a lost device)."""
+    if contact.moved_to is not None:
+        return {"identity_id": identity_id(contact.moved_to).hex(), "signed": True}
+    claimant = node.conversations.requests.claiming(contact.name, contact.label)
+    if claimant is not None:
+        return {"identity_id": identity_id(claimant).hex(), "signed": False}
+    return None
 
 
 def verify_json(node: Node, contact: Contact) -> dict[str, Any]:
     """What ``pigeon verify`` shows: the safety number and our scannable code."""
     me = node.conversations.identity
-    theirs = (contact.identity_key, bytes.fromhex(contact.identity_id))
+    # While a move is pending, what is compared is the new key (matching it
+    # accepts the move).
+    key = contact.moved_to or contact.identity_key
+    theirs = (key, identity_id(key))
     return {
         "contact": contact_json(node, contact),
-        "identity_id": contact.identity_id,
+        "identity_id": identity_id(key).hex(),
         "safety_number": safety_number(me.public_key, me.identity_id, *theirs),
         "qr": scannable_to_qr_text(scannable_fingerprint(me.public_key, me.identity_id, *theirs)),
         "verified": contact.verified,
@@ -80,8 +96,16 @@ def verify_json(node: Node, contact: Contact) -> dict[str, Any]:
     }
 
 
-def request_json(request: Request) -> dict[str, Any]:
+def request_json(node: Node, request: Request) -> dict[str, Any]:
+    contacts = node.contacts.all()
+    moved = [c.label for c in contacts if c.moved_to == request.identity_key]
+    named = [c.label for c in contacts if request.name and request.claims(c.name, c.label)]
     return {
+        # a contact whose old key signed its move to this identity
+        "moved_from": moved[0] if moved else None,
+        # a contact whose name it gives, with another key: a new identity
+        # after a lost device, or someone posing as them
+        "claims": named[0] if named and not moved else None,
         "identity_id": request.identity_id,
         "name": request.name,
         "first_at": request.first_at,
@@ -102,6 +126,7 @@ ARGUMENTS: dict[str, frozenset[str]] = {
     "contacts.remove": frozenset({"contact"}),
     "contacts.list": frozenset(),
     "contacts.show": frozenset({"contact"}),
+    "contacts.accept_key": frozenset({"contact", "from"}),
     "verify": frozenset({"contact"}),
     "verify.scan": frozenset({"contact", "code"}),
     "verify.accept": frozenset({"contact"}),
@@ -318,6 +343,20 @@ def make_handler(node: Node, stop: trio.Event) -> control.Handler:
                 "ok": True,
                 "contact": contact_json(node, contacts.find(_text(request, "contact"))),
             }
+        if cmd == "contacts.accept_key":
+            contact = contacts.find(_text(request, "contact"))
+            claimant = _optional_text(request, "from")
+            if claimant is not None:
+                new = conv.requests.find(claimant)
+            elif contact.moved_to is not None:
+                new = contact.moved_to
+            else:
+                raise PigeonError(
+                    f"{contact.label} has not moved to a new identity; after a lost device,"
+                    " name the message request it wrote from: --from ID (pigeon requests)"
+                )
+            contact = await node.accept_key(contact, new)
+            return {"ok": True, "contact": contact_json(node, contact)}
         if cmd == "verify":
             return {"ok": True, **verify_json(node, contacts.find(_text(request, "contact")))}
         if cmd == "verify.scan":
@@ -327,16 +366,20 @@ def make_handler(node: Node, stop: trio.Event) -> control.Handler:
             ours = scannable_from_qr_text(verify_json(node, contact)["qr"])
             match = compare_scannable(ours, theirs)
             if match:
+                if contact.moved_to is not None:  # the new key's number matched
+                    contact = await node.accept_key(contact, contact.moved_to)
                 contact = contacts.set_verified(contact, int(node.clock()))
             return {"ok": True, "match": match, **verify_json(node, contact)}
         if cmd == "verify.accept":
             contact = contacts.find(_text(request, "contact"))
+            if contact.moved_to is not None:  # compared aloud: the new key's number
+                contact = await node.accept_key(contact, contact.moved_to)
             contact = contacts.set_verified(contact, int(node.clock()))
             return {"ok": True, **verify_json(node, contact)}
         if cmd == "requests.list":
             return {
                 "ok": True,
-                "requests": [request_json(r) for r in conv.requests.all()],
+                "requests": [request_json(node, r) for r in conv.requests.all()],
                 "blocked": conv.requests.blocked(),
             }
         if cmd == "requests.accept":

@@ -358,6 +358,9 @@ class Directory:
         self.build_record = build_record
         self.clock = clock
         self._republish = trio.Event()
+        # Other identities this node publishes and answers for (the one it
+        # moved from): key -> how to build its record.
+        self._others: dict[bytes, Callable[[], bytes]] = {}
         self._looked_up: dict[bytes, float] = {}  # key -> when its last lookup ended
         self._looking: dict[bytes, trio.Event] = {}  # key -> set when its refresh ends
         # How long the latest lookups in the DHT took, for `metrics`.
@@ -365,6 +368,10 @@ class Directory:
 
     def republish(self) -> None:
         self._republish.set()
+
+    def also_publish(self, identity_key: bytes, build_record: Callable[[], bytes]) -> None:
+        """Publish, and answer for, another identity's record too."""
+        self._others[identity_key] = build_record
 
     async def run(self) -> None:
         while True:
@@ -374,11 +381,12 @@ class Directory:
             self._republish = trio.Event()
 
     async def publish(self) -> None:
-        try:
-            copies = await publish(self.dht, self.build_record(), self.identity_key)
-            log.info("published directory record (%d copies)", copies)
-        except Exception as error:
-            log.warning("publishing the directory record failed: %s", error)
+        for key, build in ((self.identity_key, self.build_record), *self._others.items()):
+            try:
+                copies = await publish(self.dht, build(), key)
+                log.info("published directory record %s (%d copies)", short_id(key), copies)
+            except Exception as error:
+                log.warning("publishing the directory record failed: %s", error)
 
     async def refresh(self, key: bytes) -> DirectoryRecord | None:
         """Find a contact's newest record; the newest we now hold.
@@ -471,12 +479,13 @@ class Directory:
     async def handle_record(self, stream: INetStream) -> None:
         """Answer ``RECORD_PROTOCOL``: our record, to whoever names our identity
         (what anyone who knows it can read in the DHT anyway)."""
-        mine = identity_id(self.identity_key)
+        builders = {
+            identity_id(key): build
+            for key, build in ((self.identity_key, self.build_record), *self._others.items())
+        }
 
         def answer(data: bytes) -> bytes:
-            request = RecordRequest.decode(data)
-            return RecordAnswer(
-                self.build_record() if request.identity_id == mine else None
-            ).encode()
+            build = builders.get(RecordRequest.decode(data).identity_id)
+            return RecordAnswer(None if build is None else build()).encode()
 
         await serve_frames(stream, MAX_RECORD_REQUEST_FRAME, answer, "record")

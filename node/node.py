@@ -42,13 +42,14 @@ from pigeon.protocol import (
     Content,
     DeviceCertificate,
     DirectoryRecord,
+    IdentityKeyPair,
     PigeonError,
     Random,
 )
 from pigeon.protocol.frames import AckStatus
 from pigeon.protocol.records import Device, MailboxEntry
 
-from .contacts import Contact
+from .contacts import KEY_CHANGE_WAIT, Contact
 from .conversations import Accepted, Conversations
 from .delivery import ENVELOPE_PROTOCOL, Courier, EnvelopeService
 from .directory import DHT_PROTOCOL, RECORD_PROTOCOL, Directory, guard_dht, make_dht_validator
@@ -125,6 +126,15 @@ class Node:
         self.directory = Directory(
             self.host, self.dht, self.contacts, conv.identity.public_key, self.record, clock
         )
+        previous = conv.previous_identity
+        if previous is not None:
+            # After a rotation, the identity we moved from goes on publishing a
+            # record, signed by its key, that names the new one and lists this
+            # device, so that a contact holding only the old key learns where
+            # we went.  No mailboxes: nothing should be left for it.
+            self.directory.also_publish(
+                previous.public_key, functools.partial(self._record, previous, ())
+            )
         self.presence = PresenceService(
             self.host,
             self.contacts.for_peer,
@@ -274,22 +284,30 @@ class Node:
 
     def record(self) -> bytes:
         conv = self.conversations
+        return self._record(
+            conv.identity,
+            tuple(
+                MailboxEntry(peer_id, self.owner.mailbox_id, tuple(addresses))
+                for peer_id, addresses in self.owner.my_mailboxes()
+            ),
+        )
+
+    def _record(self, identity: IdentityKeyPair, mailboxes: tuple[MailboxEntry, ...]) -> bytes:
+        conv = self.conversations
         now = int(self.clock())
-        cert = DeviceCertificate.issue(conv.identity, self.host.get_id().to_bytes(), now)
+        cert = DeviceCertificate.issue(identity, self.host.get_id().to_bytes(), now)
         record = DirectoryRecord(
-            identity_key=conv.identity.public_key,
+            identity_key=identity.public_key,
             name=conv.name,
             sequence=conv.next_record_sequence(),
             issued_at=now,
             expires_at=now + RECORD_LIFETIME,
             signed_prekey=conv.prekeys.current_signed(),
             devices=(Device(cert, tuple(self.addresses)),),
-            mailboxes=tuple(
-                MailboxEntry(peer_id, self.owner.mailbox_id, tuple(addresses))
-                for peer_id, addresses in self.owner.my_mailboxes()
-            ),
+            mailboxes=mailboxes,
+            rotation=conv.rotation,
         )
-        return record.sign(conv.identity)
+        return record.sign(identity)
 
     # -- contacts -------------------------------------------------------------------------
 
@@ -313,6 +331,17 @@ class Node:
                 self.spawn(self.presence.greet, ID(device.certificate.peer_id))
         return self.contacts.get(key)
 
+    async def accept_key(self, contact: Contact, new: bytes) -> Contact:
+        """The contact is ``new`` from now on (its signed move, or a request
+        the user vouches for): looked up, greeted, and its queue sent."""
+        moved = self.conversations.accept_key(contact.identity_key, new)
+        self.courier.wake(new, now=True)
+        with trio.move_on_after(15):
+            record = await self.directory.refresh(new)
+            for device in record.devices if record else ():
+                self.spawn(self.presence.greet, ID(device.certificate.peer_id))
+        return self.contacts.get(moved.identity_key)
+
     def is_online(self, contact: Contact) -> bool:
         """Online: a live connection to one of its devices, which announced itself."""
         if contact.record is None:
@@ -325,9 +354,16 @@ class Node:
     def _contact_in_touch(self, key: bytes) -> None:
         """A contact's device said hello: it is reachable and accepts us now."""
         self.contacts.saw(key, int(self.clock()))
+        # Its record may have changed while we were apart (a new address, a
+        # move to a new identity): one request to the device, once per
+        # connection (a device says hello once per connection).
+        self.spawn(self._refresh_record, key)
         self.conversations.retry_failed(key)
         self.courier.wake(key, now=True)
         self.transfers.contact_in_touch(key)
+
+    async def _refresh_record(self, key: bytes) -> None:
+        await self.directory.refresh(key)
 
     async def peer_connected(self, peer: ID) -> None:
         """A peer connected: a contact's queue goes now; a mailbox of ours is
@@ -366,6 +402,8 @@ class Node:
                 f" {contact.identity_id[:8]} first)"
             )
         app = self.conversations.send_text(contact.identity_key, text)
+        if contact.moved_to is not None:
+            self.conversations.note_waiting(contact.identity_key, KEY_CHANGE_WAIT)
         self.courier.wake(contact.identity_key, now=True)
         return app
 

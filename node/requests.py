@@ -56,6 +56,10 @@ class Request:
     messages: list[dict[str, object]]
     refused: int
 
+    def claims(self, *names: str) -> bool:
+        """Whether it introduced itself by one of these names."""
+        return self.name is not None and self.name.casefold() in {n.casefold() for n in names}
+
 
 class Requests:
     def __init__(self, db: Database) -> None:
@@ -214,6 +218,17 @@ class Requests:
         if len(rows) > 1:
             raise UnknownContact(f"{name!r} starts several identity IDs; give more of it")
         return bytes(rows[0][0])
+
+    def claiming(self, *names: str) -> bytes | None:
+        """A stranger that introduced itself by one of these names (a
+        contact's), if any: the newest."""
+        wanted = {n.casefold() for n in names}
+        for key, name in self.db.all(
+            "SELECT identity_key, name FROM requests WHERE name IS NOT NULL ORDER BY last_at DESC"
+        ):
+            if str(name).casefold() in wanted:
+                return bytes(key)
+        return None
 
     def pending(self, key: bytes) -> bool:
         return self.db.one("SELECT 1 FROM requests WHERE identity_key = ?", (key,)) is not None

@@ -181,7 +181,9 @@ MIGRATIONS: list[str] = [
     """,
     # version 8: trust.  A contact is marked verified once its safety number
     # was compared; identities can be blocked; a stranger's first messages
-    # wait in a bounded list of requests until accepted (requests.py).
+    # wait in a bounded list of requests until accepted (requests.py).  A
+    # contact whose record says it moved to a new identity waits for the
+    # user to accept the new key (moved_to).
     """
     ALTER TABLE contacts ADD COLUMN verified_at INTEGER;
     CREATE TABLE blocked (
@@ -197,6 +199,8 @@ MIGRATIONS: list[str] = [
     CREATE INDEX request_messages_by_sender ON request_messages (identity_key, lamport);
     ALTER TABLE received_envelopes ADD COLUMN stranger BLOB;
     CREATE INDEX received_envelopes_by_stranger ON received_envelopes (stranger);
+    ALTER TABLE contacts ADD COLUMN moved_to BLOB;
+    ALTER TABLE contacts ADD COLUMN moved_at INTEGER;
     """,
 ]
 

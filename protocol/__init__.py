@@ -45,6 +45,7 @@ from .records import (
     DirectoryRecord,
     OneTimePrekey,
     PrekeyBundle,
+    Rotation,
     SignedPrekey,
     dht_key,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "ReceiptType",
     "RecordError",
     "ResetReason",
+    "Rotation",
     "Session",
     "SessionReset",
     "SignalType",

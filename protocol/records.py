@@ -37,6 +37,7 @@ DHT_NAMESPACE = "pigeon"
 _RECORD_CONTEXT = b"pigeon/record/v1\x00"
 _DEVICE_CONTEXT = b"pigeon/device/v1\x00"
 _ONE_TIME_CONTEXT = b"pigeon/one-time-prekey/v1\x00"
+_ROTATION_CONTEXT = b"pigeon/rotation/v1\x00"
 _U32 = 0xFFFFFFFF
 
 
@@ -198,6 +199,65 @@ class MailboxEntry:
 
 
 @dataclass(frozen=True)
+class Rotation:
+    """A person's move from one identity to another, signed by both keys:
+    the old key names its successor, the new key names its predecessor.
+    Carried in both identities' records (``DirectoryRecord.rotation``), so a
+    contact who holds only the old key learns of the new one from a record
+    that the old key signed."""
+
+    old_key: bytes
+    new_key: bytes
+    at: int
+    old_signature: bytes
+    new_signature: bytes
+
+    @staticmethod
+    def _message(old_key: bytes, new_key: bytes, at: int) -> bytes:
+        return (
+            _ROTATION_CONTEXT + Writer().bytes_(1, old_key).bytes_(2, new_key).uint(3, at).finish()
+        )
+
+    @classmethod
+    def create(cls, old: IdentityKeyPair, new: IdentityKeyPair, at: int) -> Rotation:
+        if old.public_key == new.public_key:
+            raise ValueError("an identity cannot move to itself")
+        message = cls._message(old.public_key, new.public_key, at)
+        return cls(old.public_key, new.public_key, at, old.sign(message), new.sign(message))
+
+    def verify(self) -> None:
+        """Raise DecryptError unless both keys signed this move."""
+        message = self._message(self.old_key, self.new_key, self.at)
+        verify_signature(self.old_key, message, self.old_signature)
+        verify_signature(self.new_key, message, self.new_signature)
+
+    def encode(self) -> bytes:
+        return (
+            Writer()
+            .bytes_(1, self.old_key)
+            .bytes_(2, self.new_key)
+            .uint(3, self.at)
+            .bytes_(4, self.old_signature)
+            .bytes_(5, self.new_signature)
+            .finish()
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> Rotation:
+        f = Fields(data)
+        rotation = cls(
+            f.bytes_(1, size=IDENTITY_KEY_SIZE),
+            f.bytes_(2, size=IDENTITY_KEY_SIZE),
+            f.uint(3),
+            f.bytes_(4, size=SIGNATURE_SIZE),
+            f.bytes_(5, size=SIGNATURE_SIZE),
+        )
+        if rotation.old_key == rotation.new_key:
+            raise ProtocolError("a rotation must name two different identities")
+        return rotation
+
+
+@dataclass(frozen=True)
 class PrekeyBundle:
     """What an initiator needs to run X3DH with someone."""
 
@@ -216,6 +276,16 @@ class DirectoryRecord:
     signed_prekey: SignedPrekey
     devices: tuple[Device, ...] = ()
     mailboxes: tuple[MailboxEntry, ...] = ()
+    # The identity moved: in the old identity's record, to ``new_key``; in the
+    # new one's, from ``old_key``.
+    rotation: Rotation | None = None
+
+    @property
+    def moved_to(self) -> bytes | None:
+        """The identity this one moved to, when the record says so."""
+        if self.rotation is not None and self.rotation.old_key == self.identity_key:
+            return self.rotation.new_key
+        return None
 
     @property
     def identity_id(self) -> bytes:
@@ -241,6 +311,8 @@ class DirectoryRecord:
         )
         w.repeated_bytes(8, (device.encode() for device in self.devices))
         w.repeated_bytes(9, (mailbox.encode() for mailbox in self.mailboxes))
+        if self.rotation is not None:
+            w.bytes_(10, self.rotation.encode())
         return w.finish()
 
     def sign(self, identity: IdentityKeyPair) -> bytes:
@@ -284,6 +356,7 @@ class DirectoryRecord:
         if key_id is not None and identity_id(record_key) != key_id:
             raise RecordError("record is stored under another identity's key")
         verify_signature(record_key, _RECORD_CONTEXT + body, signature)
+        rotation = f.optional_bytes(10)
         record = cls(
             identity_key=record_key,
             name=f.text(3, required=False, max_size=256),
@@ -297,9 +370,14 @@ class DirectoryRecord:
             mailboxes=tuple(
                 MailboxEntry.decode(raw) for raw in f.repeated_bytes(9, max_size=MAX_RECORD_SIZE)
             ),
+            rotation=None if rotation is None else Rotation.decode(rotation),
         )
         for device in record.devices:
             device.certificate.verify(record_key)
+        if record.rotation is not None:
+            if record_key not in (record.rotation.old_key, record.rotation.new_key):
+                raise RecordError("the record's rotation statement names other identities")
+            record.rotation.verify()
         if now is None:
             return record
         if record.expires_at <= now:

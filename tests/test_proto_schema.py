@@ -86,7 +86,7 @@ from pigeon.protocol.mailbox import (
     proof_message,
 )
 from pigeon.protocol.messages import Kind
-from pigeon.protocol.records import MailboxEntry
+from pigeon.protocol.records import MailboxEntry, Rotation
 from pigeon.transfer import wire as transfer_wire
 from pigeon.transfer.manifest import MAX_CHUNKS, MAX_HASHES_PER_PAGE
 
@@ -312,6 +312,25 @@ def _(schema: Schema) -> Sample:
     return codec_sample("MailboxEntry", ENTRY, entry_fields(ENTRY))
 
 
+# Alice moves to a new identity (BOB's key stands in for it).
+ROTATION = Rotation.create(ALICE, BOB, NOW)
+
+
+def rotation_fields(rotation: Rotation) -> dict[str, Any]:
+    return {
+        "old_key": rotation.old_key,
+        "new_key": rotation.new_key,
+        "at": rotation.at,
+        "old_signature": rotation.old_signature,
+        "new_signature": rotation.new_signature,
+    }
+
+
+@sample("Rotation")
+def _(schema: Schema) -> Sample:
+    return codec_sample("Rotation", ROTATION, rotation_fields(ROTATION))
+
+
 @sample("SignedRecord")
 def _(schema: Schema) -> Sample:
     second = Device(DeviceCertificate.issue(ALICE, PEER_ID[:-1] + b"\x01", NOW + 1))
@@ -325,6 +344,7 @@ def _(schema: Schema) -> Sample:
         SPK,
         (DEVICE, second),
         (ENTRY, other),
+        ROTATION,
     )
     body = {
         "version": 1,
@@ -336,6 +356,7 @@ def _(schema: Schema) -> Sample:
         "signed_prekey": spk_fields(SPK),
         "devices": [device_fields(d) for d in record.devices],
         "mailboxes": [entry_fields(m) for m in record.mailboxes],
+        "rotation": rotation_fields(ROTATION),
     }
     # Ed25519 is deterministic: the signature over the body protobuf writes
     # is ours only if protobuf writes the body our codec wrote.

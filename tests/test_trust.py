@@ -4,6 +4,7 @@ codes both ways, safety-number verification, message requests and blocking."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -152,3 +153,54 @@ def test_a_stranger_s_message_is_a_request_until_accepted_and_a_block_stops_it(n
     assert f"blocked: {str(spam['identity_id'])[:16]}" in bob.cli("requests").stdout
     bob.cli("unblock", str(spam["identity_id"])[:8])
     assert "blocked:" not in bob.cli("requests").stdout
+
+
+def test_rotation_raises_the_alert_holds_everything_until_accepted_then_goes_on(network):
+    alice, bob = network["alice"], network["bob"]
+    alice.cli("contacts", "add", bob.id()["contact_code"])
+    bob.cli("contacts", "add", alice.id()["contact_code"])
+    old_id = alice.id()["identity_id"]
+    alice.cli("send", "bob", "before the move")
+    wait_for(lambda: texts(bob) == ["before the move"])
+    bob.cli("verify", "alice", "--accept")
+
+    # Rotating needs the daemon stopped: one clear line otherwise.
+    refused = alice.cli("identity", "rotate", check=False)
+    assert refused.returncode != 0 and "stop the daemon first" in refused.stderr
+    alice.stop()
+    rotated = alice.cli("identity", "rotate").stdout
+    assert f"moved from identity {old_id}" in rotated
+    alice.start()
+    new_id = alice.id()["identity_id"]
+    assert new_id != old_id
+    alice.cli("send", "bob", "I moved to a new key")
+
+    # Bob's node learns it from the old key's signed record: a loud alert, not verified.
+    change = wait_for(lambda: contacts(bob)["alice"]["key_change"], timeout=60)
+    assert change == {"identity_id": new_id, "signed": True}
+    assert contacts(bob)["alice"]["verified"] is False
+    assert "!! KEY CHANGE: alice moved to a new identity" in bob.cli("contacts", "list").stdout
+    # Her new identity's message waits as a request that names the contact it moved from.
+    out = bob.cli("requests", "--json").stdout
+    (request,) = wait_for(
+        lambda: [json.loads(x) for x in bob.cli("requests", "--json").stdout.splitlines()]
+    )
+    assert request["identity_id"] == new_id and request["moved_from"] == "alice", out
+    # While the move is not accepted, nothing goes to either identity.
+    bob.cli("send", "alice", "is that you?")
+    time.sleep(3)
+    assert "is that you?" not in texts(alice)
+    (waiting,) = [m for m in bob.inbox() if m["text"] == "is that you?"]
+    assert waiting["status"] == "pending" and "accept-key" in waiting["reason"]
+    # The new key's safety number is what verify shows now.
+    assert verify(bob, "alice")["identity_id"] == new_id
+
+    accepted = bob.cli("contacts", "accept-key", "alice").stdout
+    assert f"alice is now identity {new_id}" in accepted
+    assert contacts(bob)["alice"]["key_change"] is None
+    assert contacts(bob)["alice"]["identity_id"] == new_id
+    wait_for(lambda: "is that you?" in texts(alice), timeout=60)
+    wait_for(lambda: texts(bob) == ["before the move", "I moved to a new key"])
+    alice.cli("send", "bob", "yes, it is me")
+    wait_for(lambda: texts(bob)[-1:] == ["yes, it is me"], timeout=60)
+    wait_for(lambda: {m["status"] for m in bob.inbox() if m["direction"] == "out"} == {"delivered"})

@@ -24,6 +24,7 @@ from prompt_toolkit.patch_stdout import patch_stdout
 from pigeon.node.control import Client
 from pigeon.protocol import MAX_TEXT_BYTES, PigeonError, check_text
 
+from .cli import key_change_alert
 from .term import safe, safe_line
 
 MARKS = {"pending": "…", "sent": "✓", "delivered": "✓✓", "read": "read", "failed": "✗ failed"}
@@ -195,6 +196,8 @@ def run_chat(home: Path, contact: str) -> int:
     with patch_stdout():
         follower.start()
         print(f"chatting with {safe_line(shown['label'])} ({trust}); Ctrl-D to leave")
+        if shown["key_change"]:
+            print(key_change_alert(shown))
         while True:
             try:
                 text = session.prompt("> ")

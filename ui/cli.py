@@ -17,7 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pigeon.protocol import MAX_TEXT_BYTES, PigeonError, check_text, format_safety_number
+from pigeon.protocol import (
+    MAX_TEXT_BYTES,
+    PigeonError,
+    check_text,
+    format_safety_number,
+    identity_id,
+)
 
 from . import files, qr, sim
 from .term import safe, safe_line
@@ -146,6 +152,34 @@ def _parser() -> argparse.ArgumentParser:
         "remove", help="forget a contact: its sessions, queued messages and history"
     )
     remove.add_argument("contact")
+    accept_key = sub.add_parser(
+        "accept-key",
+        help="accept a contact's new identity (after its key change alert)",
+        description="A contact that moved to a new identity (pigeon identity rotate, signed"
+        " by its old key) gets nothing from you until you accept the move.  After a lost"
+        " device there is no signed move: the contact writes from its new identity, which"
+        " shows as a message request; name it with --from.  Check with the person another"
+        " way first (pigeon verify compares the new safety number and accepts on a match).",
+    )
+    accept_key.add_argument("contact")
+    accept_key.add_argument(
+        "--from",
+        dest="source",
+        metavar="ID",
+        help="the message request (identity ID) the contact now writes from",
+    )
+
+    identity = commands.add_parser("identity", help="move to a new identity")
+    identity_sub = identity.add_subparsers(dest="action", required=True, metavar="ACTION")
+    identity_sub.add_parser(
+        "rotate",
+        help="create a new identity, signed over by the old one (with the daemon stopped)",
+        description="Create a new identity key.  The old key signs a statement naming the"
+        " new one, which your daemon publishes under both identities when it next runs;"
+        " your contacts' nodes then alert their users, who accept the new key or verify"
+        " it again before anything more is sent to you.  Messages not yet delivered go"
+        " out again from the new identity.  Use it when the old key may be compromised.",
+    )
 
     verify = commands.add_parser(
         "verify",
@@ -387,6 +421,14 @@ def cmd_contacts(home: Path, args: argparse.Namespace) -> int:
             print(f"{label} is already a contact ({contact['identity_id']})")
         return 0
     client = _client(home)
+    if args.action == "accept-key":
+        reply = client.request("contacts.accept_key", contact=args.contact, **{"from": args.source})
+        contact = reply["contact"]
+        print(
+            f"{safe_line(contact['label'])} is now identity {contact['identity_id']}; what waited"
+            f" goes to it.  Verify it when you can: pigeon verify {safe_line(contact['label'])}"
+        )
+        return 0
     if args.action == "rename":
         contact = client.request("contacts.rename", contact=args.contact, alias=args.alias)
         print(f"renamed to {safe_line(contact['contact']['label'])}")
@@ -412,7 +454,28 @@ def cmd_contacts(home: Path, args: argparse.Namespace) -> int:
         print(
             f"{safe_line(contact['label']):20} {contact['identity_id'][:16]}  {trust:8}  {presence}"
         )
+        if contact["key_change"]:
+            print("  " + key_change_alert(contact))
     return 0
+
+
+def key_change_alert(contact: dict[str, Any]) -> str:
+    """The line no one should miss: a contact's key changed, or someone
+    claims to be the contact with another key."""
+    label = safe_line(contact["label"])
+    change = contact["key_change"]
+    new = change["identity_id"]
+    if change["signed"]:
+        return (
+            f"!! KEY CHANGE: {label} moved to a new identity {new[:16]} (signed by the old key)."
+            f"  Nothing is sent to {label} until you accept it: pigeon contacts accept-key"
+            f" {label}, or compare the new safety number: pigeon verify {label}"
+        )
+    return (
+        f"!! KEY CHANGE?: a message request from {new[:16]} says it is {label}, with another"
+        f" key (a lost device, or someone posing as {label}).  Check with {label} another way;"
+        f" then: pigeon contacts accept-key {label} --from {new[:8]}"
+    )
 
 
 def _contact_code(argument: str) -> str:
@@ -492,6 +555,20 @@ def cmd_requests(home: Path, args: argparse.Namespace) -> int:
         name = safe_line(request["name"]) if request["name"] else "(no name given)"
         refused = f", {request['refused']} more refused" if request["refused"] else ""
         print(f"{request['identity_id'][:16]}  says they are {name}{refused}")
+        for field, what in (
+            (
+                "moved_from",
+                "the new identity of your contact {0} (signed by the old key):"
+                " pigeon contacts accept-key {0}",
+            ),
+            (
+                "claims",
+                "!! not your contact {0}, whose key is another: a new identity after a"
+                " lost device, or someone posing as {0}.  Check with {0} another way",
+            ),
+        ):
+            if request[field]:
+                print("  " + what.format(safe_line(request[field])))
         for message in request["messages"]:
             print(f"    {safe_line(str(message['text']))}")
     if reply["requests"]:
@@ -500,6 +577,36 @@ def cmd_requests(home: Path, args: argparse.Namespace) -> int:
         print(
             f"blocked: {blocked['identity_id'][:16]}  (pigeon unblock {blocked['identity_id'][:8]})"
         )
+    return 0
+
+
+def cmd_identity(home: Path, args: argparse.Namespace) -> int:
+    from pigeon.node.control import DaemonNotRunning
+    from pigeon.node.conversations import Conversations
+    from pigeon.node.storage import Database
+
+    try:
+        _client(home).close()
+    except DaemonNotRunning:
+        pass
+    else:
+        raise UsageError(
+            "stop the daemon first (pigeon stop), rotate, then start it again: it publishes"
+            " the move when it starts"
+        )
+    db = Database.open(home, passphrase())
+    try:
+        rotation = Conversations.rotate(db, os.urandom, int(time.time()))
+    finally:
+        db.close()
+    old, new = identity_id(rotation.old_key).hex(), identity_id(rotation.new_key).hex()
+    print(f"moved from identity {old} to {new}")
+    print(
+        "Start your daemon: it tells your contacts' nodes, under both identities.  Their users"
+        " must accept the new key before anything more reaches you; your messages not yet"
+        " delivered go out again from the new identity.  Share your new contact code"
+        " (pigeon id) with anyone who should add you from now on."
+    )
     return 0
 
 
@@ -613,6 +720,7 @@ COMMANDS = {
     "contacts": cmd_contacts,
     "verify": cmd_verify,
     "requests": cmd_requests,
+    "identity": cmd_identity,
     "block": cmd_block,
     "unblock": cmd_unblock,
     "send": cmd_send,
