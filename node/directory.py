@@ -432,7 +432,7 @@ class Directory:
             try:
                 self.contacts.store_record(key, data, int(self.clock()))
             except ProtocolError as error:
-                log.info("ignored a directory record for %s: %s", short_id(key), error)
+                log.warning("refused a directory record for %s: %s", short_id(key), error)
 
     async def _ask_contact(self, key: bytes, *, dial: bool) -> bool:
         """Ask the contact's devices for its record: those we are connected
@@ -469,6 +469,9 @@ class Directory:
                             await stream.close()
                 if answer.record is not None:
                     self.contacts.store_record(key, answer.record, int(self.clock()))
+            except ProtocolError as error:  # a forged record, or a forged move in one
+                log.warning("refused the record %s's device gave: %s", short_id(key), error)
+                continue
             except Exception as error:
                 log.debug("asking %s for its record failed: %s", info.peer_id, error)
                 continue

@@ -22,6 +22,7 @@ from test_conversations import (
 from pigeon.node.contacts import KEY_CHANGE_WAIT
 from pigeon.node.conversations import Conversations
 from pigeon.protocol import (
+    ContactCode,
     DecryptError,
     DirectoryRecord,
     IdentityKeyPair,
@@ -29,6 +30,7 @@ from pigeon.protocol import (
     RecordError,
     Rotation,
     SignedPrekey,
+    dht_key,
 )
 
 NOW = 1_800_000_000
@@ -212,3 +214,37 @@ def test_after_a_lost_device_the_new_identity_is_a_claim_until_vouched_for(tmp_p
     assert texts(bob) == ["lost my phone, new key"]
     exchange(bob, again)
     assert texts(again) == ["unanswered"]
+
+
+def test_a_forged_move_is_refused_by_the_node_and_by_the_dht_and_changes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pigeon.node.directory import RecordValidator
+
+    clock = Clock()
+    clock.now = NOW
+    bob = make(tmp_path, "bob", clock)
+    alice, mallory, carol = keys()
+    bob.contacts.add(ContactCode(alice.public_key, "alice"), None, clock.now)
+    validator = RecordValidator(clock)
+    # Alice's key signed the record, but the "new key" never signed the move
+    # (a stolen signature), and a statement about other identities.
+    forged = dataclasses.replace(
+        Rotation.create(alice, mallory, NOW),
+        new_signature=Rotation.create(alice, carol, NOW).new_signature,
+    )
+    foreign = Rotation.create(carol, mallory, NOW)
+    for rotation, error in ((forged, DecryptError), (foreign, RecordError)):
+        record = signed_record(alice, rotation)
+        with pytest.raises(error):
+            bob.contacts.store_record(alice.public_key, record, clock.now)
+        with caplog.at_level("INFO", logger="pigeon.directory"), pytest.raises(ValueError):
+            validator.validate(dht_key(alice.public_key), record)
+        assert "refused directory record" in caplog.text
+        assert bob.contacts.get(alice.public_key).moved_to is None
+        assert bob.contacts.get(alice.public_key).record is None
+    # The genuine move, for contrast, is taken.
+    bob.contacts.store_record(
+        alice.public_key, signed_record(alice, Rotation.create(alice, mallory, NOW)), clock.now
+    )
+    assert bob.contacts.get(alice.public_key).moved_to == mallory.public_key
