@@ -100,6 +100,8 @@ def test_qr_round_trip_and_safety_numbers(network, tmp_path):
     assert contacts(bob)["carol"]["verified"] is False
     # A contact code is not a safety-number code.
     result = bob.cli("verify", "carol", "--scan", str(tmp_path / "alice-code.png"), check=False)
+    assert result.returncode == 1 and "is a contact code, not a safety-number code" in result.stderr
+    result = bob.cli("verify", "carol", "--scan", str(unrelated), check=False)
     assert result.returncode == 1 and "not a Pigeon safety-number code" in result.stderr
     # Read aloud instead: --accept.
     assert verify(bob, "carol", "--accept")["verified"] is True

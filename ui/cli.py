@@ -496,7 +496,14 @@ def _contact_code(argument: str) -> str:
 def cmd_verify(home: Path, args: argparse.Namespace) -> int:
     client = _client(home)
     if args.scan:
-        scanned = qr.read(Path(args.scan).expanduser())
+        picture = Path(args.scan).expanduser()
+        scanned = qr.read(picture)
+        if scanned.startswith("pigeon:"):
+            raise UsageError(
+                f"the QR code in {picture} is a contact code, not a safety-number code: ask"
+                f" for the one `pigeon verify` shows (or add the contact: pigeon contacts add"
+                f" {picture})"
+            )
         reply = client.request("verify.scan", contact=args.contact, code=scanned)
     elif args.accept:
         reply = client.request("verify.accept", contact=args.contact)
