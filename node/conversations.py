@@ -38,6 +38,7 @@ from pigeon.protocol import (
     IdentityKeyPair,
     IncomingMessage,
     Introduction,
+    LocalProtocolError,
     MailboxToken,
     OneTimePrekey,
     PigeonError,
@@ -829,17 +830,54 @@ class Conversations:
 
     # -- reading --------------------------------------------------------------------------------
 
+    _MESSAGE_COLUMNS = (
+        "SELECT m.rowid, m.id, m.contact, c.identity_id, coalesce(c.alias, c.name), m.text,"
+        " m.sent_at, m.received_at, m.direction, m.status, m.lamport, m.reason, m.via"
+        " FROM messages m JOIN contacts c ON c.identity_key = m.contact"
+    )
+
     def inbox(self, key: bytes | None = None, after: int = 0) -> list[dict[str, object]]:
-        sql = (
-            "SELECT m.rowid, m.id, m.contact, c.identity_id, coalesce(c.alias, c.name), m.text,"
-            " m.sent_at, m.received_at, m.direction, m.status, m.lamport, m.reason, m.via"
-            " FROM messages m JOIN contacts c ON c.identity_key = m.contact WHERE m.rowid > ?"
-        )
+        sql = self._MESSAGE_COLUMNS + " WHERE m.rowid > ?"
         params: tuple[object, ...] = (after,)
         if key is not None:
             sql += " AND m.contact = ?"
             params += (key,)
-        sql += " ORDER BY m.contact, m.lamport, m.id"
+        return self._messages(sql + " ORDER BY m.contact, m.lamport, m.id", params)
+
+    def history(
+        self, key: bytes, limit: int, before: bytes | None = None
+    ) -> list[dict[str, object]]:
+        """The last ``limit`` messages of a conversation, in its order; with
+        ``before`` (a message ID), the ``limit`` that come before that one."""
+        sql = self._MESSAGE_COLUMNS + " WHERE m.contact = ?"
+        params: tuple[object, ...] = (key,)
+        if before is not None:
+            row = self.db.one(
+                "SELECT lamport FROM messages WHERE id = ? AND contact = ?", (before, key)
+            )
+            if row is None:
+                raise UnknownContact("no message with that ID in this conversation")
+            sql += " AND (m.lamport, m.id) < (?, ?)"
+            params += (int(row[0]), before)
+        sql += " ORDER BY m.lamport DESC, m.id DESC LIMIT ?"
+        return self._messages(sql, (*params, limit))[::-1]
+
+    def search(self, text: str, limit: int) -> list[dict[str, object]]:
+        """Messages whose text holds every word of ``text`` (full-text, any
+        case), newest first.  The words are matched as words, never read as
+        the index's query language."""
+        words = [w for w in text.replace("\x00", " ").split() if w.strip('"')]
+        if not words:
+            raise LocalProtocolError("search for at least one word")
+        query = " ".join('"' + word.replace('"', '""') + '"' for word in words)
+        return self._messages(
+            self._MESSAGE_COLUMNS
+            + " WHERE m.rowid IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?)"
+            " ORDER BY m.sent_at DESC, m.id DESC LIMIT ?",
+            (query, limit),
+        )
+
+    def _messages(self, sql: str, params: tuple[object, ...]) -> list[dict[str, object]]:
         me = self.identity.identity_id.hex()
         out = []
         for row in self.db.all(sql, params):

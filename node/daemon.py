@@ -136,6 +136,8 @@ ARGUMENTS: dict[str, frozenset[str]] = {
     "unblock": frozenset({"id"}),
     "send": frozenset({"contact", "text"}),
     "inbox": frozenset({"contact", "after"}),
+    "history": frozenset({"contact", "limit", "before"}),
+    "search": frozenset({"text", "limit"}),
     "follow": frozenset({"contact", "after"}),
     "read": frozenset({"contact"}),
     "files.send": frozenset({"contact", "path"}),
@@ -213,6 +215,30 @@ def _number(request: dict[str, Any], key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEQUENCE:
         raise control.BadRequest(f"{key!r} must be a whole number from 0 to {MAX_SEQUENCE}")
     return value
+
+
+DEFAULT_LIMIT = 50  # messages a history page or a search shows
+MAX_LIMIT = 1000
+
+
+def _limit(request: dict[str, Any]) -> int:
+    """How many messages to show: ``limit``, or the default when absent."""
+    value = request.get("limit")
+    if value is None:
+        return DEFAULT_LIMIT
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_LIMIT:
+        raise control.BadRequest(f"'limit' must be a whole number from 1 to {MAX_LIMIT}")
+    return value
+
+
+def _message_id(text: str) -> bytes:
+    try:
+        message_id = bytes.fromhex(text)
+    except ValueError:
+        message_id = b""
+    if len(message_id) != 16:
+        raise control.BadRequest("a message ID is 32 hex characters (see: --json)")
+    return message_id
 
 
 def _path(request: dict[str, Any], key: str) -> Path | None:
@@ -404,6 +430,19 @@ def make_handler(node: Node, stop: trio.Event) -> control.Handler:
         if cmd == "inbox":
             which, after = _optional_text(request, "contact"), _number(request, "after")
             return {"ok": True, "messages": conv.inbox(maybe_find(which), after)}
+        if cmd == "history":
+            contact = contacts.find(_text(request, "contact"))
+            before = _optional_text(request, "before")
+            return {
+                "ok": True,
+                "messages": conv.history(
+                    contact.identity_key,
+                    _limit(request),
+                    None if before is None else _message_id(before),
+                ),
+            }
+        if cmd == "search":
+            return {"ok": True, "messages": conv.search(_text(request, "text"), _limit(request))}
         if cmd == "follow":
             which, after = _optional_text(request, "contact"), _number(request, "after")
             await follow(which, after, send)

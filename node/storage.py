@@ -202,7 +202,37 @@ MIGRATIONS: list[str] = [
     ALTER TABLE contacts ADD COLUMN moved_to BLOB;
     ALTER TABLE contacts ADD COLUMN moved_at INTEGER;
     """,
+    # version 9: history search.  A full-text index (FTS5) over message
+    # texts, inside the encrypted database, kept in step by triggers.
+    """
+    CREATE VIRTUAL TABLE messages_fts USING fts5(text, content='messages', content_rowid='rowid');
+    INSERT INTO messages_fts (messages_fts) VALUES ('rebuild');
+    CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
+        INSERT INTO messages_fts (rowid, text) VALUES (new.rowid, new.text);
+    END;
+    CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
+        INSERT INTO messages_fts (messages_fts, rowid, text) VALUES ('delete', old.rowid, old.text);
+    END;
+    CREATE TRIGGER messages_fts_update AFTER UPDATE OF text ON messages BEGIN
+        INSERT INTO messages_fts (messages_fts, rowid, text) VALUES ('delete', old.rowid, old.text);
+        INSERT INTO messages_fts (rowid, text) VALUES (new.rowid, new.text);
+    END;
+    """,
 ]
+
+
+def statements(script: str) -> Iterator[str]:
+    """The statements of an SQL script, each whole (a trigger's body holds
+    semicolons of its own)."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlcipher3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""
+    if pending.strip(" \n;"):
+        raise ValueError(f"an incomplete SQL statement: {pending.strip()[:60]!r}")
 
 
 def derive_key(passphrase: str, salt: bytes, opslimit: int, memlimit: int) -> bytes:
@@ -455,9 +485,8 @@ class Database:
             )
         for number in range(version, len(MIGRATIONS)):
             with self.transaction():
-                for statement in MIGRATIONS[number].split(";"):
-                    if statement.strip():
-                        self._db.execute(statement)
+                for statement in statements(MIGRATIONS[number]):
+                    self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version = {number + 1}")
 
     @contextmanager

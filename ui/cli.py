@@ -229,6 +229,20 @@ def _parser() -> argparse.ArgumentParser:
     inbox.add_argument("--follow", action="store_true", help="keep showing new messages")
     inbox.add_argument("--contact")
 
+    history = commands.add_parser(
+        "history", help="page through one conversation, newest page first"
+    )
+    history.add_argument("contact")
+    history.add_argument("--limit", type=int, default=50, metavar="N", help="messages a page")
+    history.add_argument(
+        "--before", metavar="ID", help="the page before this message (its ID: --json)"
+    )
+    history.add_argument("--json", action="store_true")
+    search = commands.add_parser("search", help="find messages by the words in them")
+    search.add_argument("text", metavar="TEXT", help="every word must be in the message")
+    search.add_argument("--limit", type=int, default=50, metavar="N")
+    search.add_argument("--json", action="store_true")
+
     chat = commands.add_parser("chat", help="talk with a contact interactively")
     chat.add_argument("contact")
 
@@ -675,6 +689,27 @@ def cmd_inbox(home: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_history(home: Path, args: argparse.Namespace) -> int:
+    reply = _client(home).request(
+        "history", contact=args.contact, limit=args.limit, before=args.before
+    )
+    messages = reply["messages"]
+    for message in messages:
+        _print_message(message, args.json)
+    if not args.json and len(messages) == args.limit:
+        print(f"(older: pigeon history {safe_line(args.contact)} --before {messages[0]['id']})")
+    return 0
+
+
+def cmd_search(home: Path, args: argparse.Namespace) -> int:
+    messages = _client(home).request("search", text=args.text, limit=args.limit)["messages"]
+    for message in messages:
+        _print_message(message, args.json)
+    if not messages and not args.json:
+        print("no message holds all of those words")
+    return 0
+
+
 def cmd_status(home: Path, args: argparse.Namespace) -> int:
     reply = _client(home).request("status")
     reply.pop("ok", None)
@@ -732,6 +767,8 @@ COMMANDS = {
     "unblock": cmd_unblock,
     "send": cmd_send,
     "inbox": cmd_inbox,
+    "history": cmd_history,
+    "search": cmd_search,
     "chat": cmd_chat,
     "send-file": cmd_send_file,
     "files": cmd_files,
