@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pigeon.protocol import (
+    MAX_TIMER,
     AppMessage,
     ContactCode,
     Content,
@@ -50,6 +51,7 @@ from pigeon.protocol import (
     Session,
     SessionReset,
     Text,
+    Timer,
     WebRTCSignal,
     check_text,
     identity_id,
@@ -58,7 +60,7 @@ from pigeon.protocol import (
 )
 from pigeon.protocol.frames import digest
 from pigeon.protocol.mailbox import DepositToken
-from pigeon.protocol.messages import SignalType
+from pigeon.protocol.messages import SignalType, disappears_at
 
 from .contacts import Contact, ContactBook, ContactExists, UnknownContact, short_id
 from .prekeys import Prekeys
@@ -159,6 +161,7 @@ class Conversations:
             SessionReset: self._on_reset,
             MailboxToken: self._on_token,
             Introduction: lambda item: False,  # a contact's: we know them already
+            Timer: self._on_timer,
         }
         # Gives a deposit token for our mailboxes (the node's mailbox owner);
         # each contact gets one, inside the conversation, as messages flow.
@@ -300,7 +303,72 @@ class Conversations:
 
     def send_text(self, key: bytes, text: str) -> AppMessage:
         check_text(text)
-        return self.send(key, Text(text))
+        with self.db.transaction():
+            timer = self.timer(key)
+            app = self.send(key, Text(text, timer))
+            if timer:
+                self.db.execute(
+                    "UPDATE messages SET expires_at = ? WHERE id = ?",
+                    (app.sent_at_ms // 1000 + timer, app.message_id),
+                )
+        return app
+
+    # -- disappearing messages --------------------------------------------------------------
+
+    def timer(self, key: bytes) -> int:
+        """The conversation's disappearing-messages timer in seconds (0: off)."""
+        row = self.db.one("SELECT timer_s FROM contacts WHERE identity_key = ?", (key,))
+        if row is None:
+            raise UnknownContact("unknown contact")
+        return int(row[0] or 0)
+
+    def set_timer(self, key: bytes, seconds: int) -> None:
+        """Set the timer for both sides: ours now, the contact's when it reads
+        the announcement.  Texts sent from now on carry it."""
+        if not 0 <= seconds <= MAX_TIMER:
+            raise LocalProtocolError("a timer is 0 (off) to one year")
+        with self.db.transaction():
+            self._set_timer(key, seconds)
+            self.send(key, Timer(seconds))
+
+    def _set_timer(self, key: bytes, seconds: int) -> None:
+        self.db.execute(
+            "UPDATE contacts SET timer_s = ? WHERE identity_key = ?", (seconds or None, key)
+        )
+
+    def expire(self) -> int:
+        """Delete every message whose time is up, with what is left of it to
+        send; how many messages went.  (Secure delete overwrites them.)"""
+        now = self.now()
+        with self.db.transaction():
+            ids = [
+                bytes(r[0])
+                for r in self.db.all(
+                    "SELECT id FROM messages WHERE expires_at IS NOT NULL AND expires_at <= ?",
+                    (now,),
+                )
+            ]
+            for message_id in ids:
+                for table, column in (
+                    ("messages", "id"),
+                    ("pending_out", "message_id"),
+                    ("outbox", "message_id"),
+                ):
+                    self.db.execute(f"DELETE FROM {table} WHERE {column} = ?", (message_id,))
+            self.db.execute(
+                "DELETE FROM request_messages WHERE expires_at IS NOT NULL AND expires_at <= ?",
+                (now,),
+            )
+        return len(ids)
+
+    def expiries(self, digests: list[bytes]) -> dict[bytes, int]:
+        """When each of these encrypted envelopes expires (those that do)."""
+        out = {}
+        for envelope_digest in digests:
+            row = self.db.one("SELECT expires_at FROM outbox WHERE digest = ?", (envelope_digest,))
+            if row is not None and row[0] is not None:
+                out[envelope_digest] = int(row[0])
+        return out
 
     def _unencrypted(self, key: bytes) -> list[tuple[bytes, bytes, bool]]:
         """(message ID, encoded message, durable) for what is not yet encrypted in
@@ -351,9 +419,10 @@ class Conversations:
                 # a copy encrypted in a session that was replaced will never be read
                 self.db.execute("DELETE FROM outbox WHERE message_id = ?", (message_id,))
                 self.db.execute(
-                    "INSERT INTO outbox (digest, contact, message_id, envelope)"
-                    " VALUES (?, ?, ?, ?)",
-                    (digest(envelope), key, message_id, envelope),
+                    "INSERT INTO outbox (digest, contact, message_id, envelope, expires_at)"
+                    " VALUES (?, ?, ?, ?,"
+                    " (SELECT expires_at FROM messages WHERE id = ? AND direction = 'out'))",
+                    (digest(envelope), key, message_id, envelope, message_id),
                 )
                 if durable:
                     self.db.execute(
@@ -684,12 +753,12 @@ class Conversations:
         confirmed to it now; the session it started goes on."""
         texts = self.requests.take(key)
         lamport = 0
-        for message_id, text, msg_lamport, sent_at, received_at in texts:
+        for message_id, text, msg_lamport, sent_at, received_at, expires_at in texts:
             self.db.execute(
                 "INSERT OR IGNORE INTO messages (id, contact, direction, text, lamport,"
-                " sent_at, received_at, status, via)"
-                " VALUES (?, ?, 'in', ?, ?, ?, ?, 'received', 'request')",
-                (message_id, key, text, msg_lamport, sent_at, received_at),
+                " sent_at, received_at, status, via, expires_at)"
+                " VALUES (?, ?, 'in', ?, ?, ?, ?, 'received', 'request', ?)",
+                (message_id, key, text, msg_lamport, sent_at, received_at, expires_at),
             )
             lamport = max(lamport, msg_lamport)
         self.db.execute(
@@ -751,9 +820,12 @@ class Conversations:
         assert isinstance(content, Text)
         if self.db.one("SELECT 1 FROM messages WHERE id = ?", (item.app.message_id,)):
             return False
+        expires_at = disappears_at(item.app, self.now())
+        if expires_at is not None and expires_at <= self.now():
+            return False  # its time was up on the way (in a mailbox, say): never shown
         self.db.execute(
             "INSERT INTO messages (id, contact, direction, text, lamport, sent_at,"
-            " received_at, status) VALUES (?, ?, 'in', ?, ?, ?, ?, 'received')",
+            " received_at, status, expires_at) VALUES (?, ?, 'in', ?, ?, ?, ?, 'received', ?)",
             (
                 item.app.message_id,
                 item.sender,
@@ -761,8 +833,15 @@ class Conversations:
                 item.app.lamport,
                 item.app.sent_at_ms,
                 self.now_ms(),
+                expires_at,
             ),
         )
+        return True
+
+    def _on_timer(self, item: Incoming) -> bool:
+        content = item.app.content
+        assert isinstance(content, Timer)
+        self._set_timer(item.sender, content.seconds)
         return True
 
     def _on_receipt(self, item: Incoming) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from pigeon.protocol import (
+    MAX_TIMER,
     ContactCode,
     PigeonError,
     compare_scannable,
@@ -64,6 +65,7 @@ def contact_json(node: Node, contact: Contact) -> dict[str, Any]:
         "verified": contact.verified,
         "blocked": contact.blocked,
         "key_change": key_change(node, contact),
+        "timer_s": node.conversations.timer(contact.identity_key) or None,
     }
 
 
@@ -138,6 +140,7 @@ ARGUMENTS: dict[str, frozenset[str]] = {
     "inbox": frozenset({"contact", "after"}),
     "history": frozenset({"contact", "limit", "before"}),
     "search": frozenset({"text", "limit"}),
+    "timer": frozenset({"contact", "seconds"}),
     "follow": frozenset({"contact", "after"}),
     "read": frozenset({"contact"}),
     "files.send": frozenset({"contact", "path"}),
@@ -441,6 +444,13 @@ def make_handler(node: Node, stop: trio.Event) -> control.Handler:
                     None if before is None else _message_id(before),
                 ),
             }
+        if cmd == "timer":
+            contact = contacts.find(_text(request, "contact"))
+            seconds = _number(request, "seconds")
+            if seconds > MAX_TIMER:
+                raise control.BadRequest(f"'seconds' must be at most {MAX_TIMER} (a year)")
+            node.set_timer(contact, seconds)
+            return {"ok": True, "contact": contact_json(node, contacts.get(contact.identity_key))}
         if cmd == "search":
             return {"ok": True, "messages": conv.search(_text(request, "text"), _limit(request))}
         if cmd == "follow":

@@ -271,7 +271,11 @@ class Courier:
         key = contact.identity_key
         pending = self.conv.pending_envelopes(key, limit=MAX_BATCH)
         token = self.conv.deposit_token(key)
-        stored, refusals = await deposit(self.host, contact.record, pending, token)
+        now = int(self.clock())
+        ttls = {
+            d: max(1, at - now) for d, at in self.conv.expiries([d for d, _ in pending]).items()
+        }
+        stored, refusals = await deposit(self.host, contact.record, pending, token, ttls)
         if stored:
             self.conv.stored(list(stored))
             self.stats["deposited"] += len(stored)

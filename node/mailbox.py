@@ -12,6 +12,7 @@ envelopes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -124,7 +125,11 @@ async def _with_work(box: bytes, envelope: bytes) -> Request:
 
 
 async def deposit(
-    host: IHost, record: DirectoryRecord, pending: list[tuple[bytes, bytes]], token: bytes
+    host: IHost,
+    record: DirectoryRecord,
+    pending: list[tuple[bytes, bytes]],
+    token: bytes,
+    ttls: dict[bytes, int] | None = None,
 ) -> tuple[set[bytes], list[str]]:
     """Leave every pending (digest, envelope) with every mailbox the record
     lists: (digests at least one stored, the mailboxes' refusals).  With a
@@ -145,6 +150,11 @@ async def deposit(
                 if not request.work:
                     paid[d] = await _with_work(box, e)
             requests = [paid[d] for d, _ in pending]
+        if ttls:  # disappearing messages: the mailbox keeps them no longer than that
+            requests = [
+                dataclasses.replace(r, ttl_s=ttls[d]) if d in ttls else r
+                for (d, _), r in zip(pending, requests, strict=True)
+            ]
         try:
             replies = await call(host, info, requests)
             again = [
@@ -156,7 +166,14 @@ async def deposit(
                 for i in again:
                     d, e = pending[i]
                     paid[d] = paid.get(d) or await _with_work(box, e)
-                retried = await call(host, info, [paid[pending[i][0]] for i in again])
+                retried = await call(
+                    host,
+                    info,
+                    [
+                        dataclasses.replace(paid[pending[i][0]], ttl_s=requests[i].ttl_s)
+                        for i in again
+                    ],
+                )
                 for i, reply in zip(again, retried, strict=True):
                     replies[i] = reply
         except Exception as error:

@@ -79,6 +79,7 @@ log = logging.getLogger("pigeon.node")
 # A record's signed prekey stays usable for two weeks after the record was
 # issued (retired prekeys are kept that long), so a record lives two weeks.
 RECORD_LIFETIME = 14 * 24 * 3600
+EXPIRE_EVERY = 1.0  # seconds between looks for disappearing messages whose time is up
 
 
 @dataclass
@@ -221,6 +222,7 @@ class Node:
             self.spawn(self.transfers.run)
             self.spawn(self.courier.run)
             self.spawn(self.owner.run)
+            self.spawn(self._expire_messages)
             if self.mailbox is not None:
                 self.spawn(self.mailbox.run)
             try:
@@ -362,6 +364,15 @@ class Node:
         self.courier.wake(key, now=True)
         self.transfers.contact_in_touch(key)
 
+    async def _expire_messages(self) -> None:
+        """Disappearing messages go when their time is up (one indexed query
+        a tick when none is due)."""
+        while True:
+            expired = self.conversations.expire()
+            if expired:
+                log.info("deleted %d disappearing message(s)", expired)
+            await trio.sleep(EXPIRE_EVERY)
+
     async def _refresh_record(self, key: bytes) -> None:
         await self.directory.refresh(key)
 
@@ -406,6 +417,12 @@ class Node:
             self.conversations.note_waiting(contact.identity_key, KEY_CHANGE_WAIT)
         self.courier.wake(contact.identity_key, now=True)
         return app
+
+    def set_timer(self, contact: Contact, seconds: int) -> None:
+        if contact.blocked:
+            raise PigeonError(f"{contact.label} is blocked: nothing goes to them")
+        self.conversations.set_timer(contact.identity_key, seconds)
+        self.courier.wake(contact.identity_key, now=True)
 
     def mark_read(self, contact: Contact) -> int:
         count = self.conversations.mark_read(contact.identity_key)

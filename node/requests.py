@@ -23,8 +23,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from pigeon.protocol import AppMessage, DecryptError, Introduction, Text
+from pigeon.protocol import AppMessage, DecryptError, FileOffer, Introduction, Text
 from pigeon.protocol.keys import identity_id
+from pigeon.protocol.messages import disappears_at
 
 from .contacts import MIN_ID_PREFIX, UnknownContact, short_id
 from .storage import Database
@@ -130,16 +131,31 @@ class Requests:
                 "UPDATE requests SET name = ? WHERE identity_key = ?", (content.name, key)
             )
             return True
+        if isinstance(content, FileOffer):
+            # Not kept for later: its sender should see it refused (its file
+            # waits on its side), not offered for ever.
+            self._refuse(key)
         if not isinstance(content, Text):
-            return True  # receipts, files, tokens: nothing to show before acceptance
+            return True  # receipts, tokens, signalling: nothing to keep before acceptance
         if self.db.one("SELECT 1 FROM request_messages WHERE id = ?", (app.message_id,)):
             return False
         if size + len(content.text.encode("utf-8")) > BYTES_EACH:
             self._refuse(key)
+        expires_at = disappears_at(app, now)
+        if expires_at is not None and expires_at <= now:
+            return True  # its time was up on the way
         self.db.execute(
-            "INSERT INTO request_messages (id, identity_key, text, lamport, sent_at, received_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (app.message_id, key, content.text, app.lamport, app.sent_at_ms, now * 1000),
+            "INSERT INTO request_messages (id, identity_key, text, lamport, sent_at, received_at,"
+            " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                app.message_id,
+                key,
+                content.text,
+                app.lamport,
+                app.sent_at_ms,
+                now * 1000,
+                expires_at,
+            ),
         )
         return True
 
@@ -240,13 +256,14 @@ class Requests:
             raise UnknownContact("no message request from that identity")
         return None if row[0] is None else str(row[0])
 
-    def take(self, key: bytes) -> list[tuple[bytes, str, int, int, int]]:
+    def take(self, key: bytes) -> list[tuple[bytes, str, int, int, int, int | None]]:
         """Remove a request as its sender becomes a contact: the texts (id,
-        text, lamport, sent_at ms, received_at ms).  The session stays."""
+        text, lamport, sent_at ms, received_at ms, expires_at or None).  The
+        session stays."""
         texts = [
-            (bytes(r[0]), str(r[1]), int(r[2]), int(r[3]), int(r[4]))
+            (bytes(r[0]), str(r[1]), int(r[2]), int(r[3]), int(r[4]), r[5])
             for r in self.db.all(
-                "SELECT id, text, lamport, sent_at, received_at FROM request_messages"
+                "SELECT id, text, lamport, sent_at, received_at, expires_at FROM request_messages"
                 " WHERE identity_key = ? ORDER BY lamport, id",
                 (key,),
             )

@@ -202,9 +202,17 @@ MIGRATIONS: list[str] = [
     ALTER TABLE contacts ADD COLUMN moved_to BLOB;
     ALTER TABLE contacts ADD COLUMN moved_at INTEGER;
     """,
-    # version 9: history search.  A full-text index (FTS5) over message
-    # texts, inside the encrypted database, kept in step by triggers.
+    # version 9: history search and disappearing messages.  A full-text
+    # index (FTS5) over message texts, inside the encrypted database, kept in
+    # step by triggers; a per-conversation timer and per-message expiry
+    # (also on the encrypted copies waiting to go, so a mailbox drops them
+    # in time).
     """
+    ALTER TABLE contacts ADD COLUMN timer_s INTEGER;
+    ALTER TABLE messages ADD COLUMN expires_at INTEGER;
+    CREATE INDEX messages_by_expiry ON messages (expires_at) WHERE expires_at IS NOT NULL;
+    ALTER TABLE outbox ADD COLUMN expires_at INTEGER;
+    ALTER TABLE request_messages ADD COLUMN expires_at INTEGER;
     CREATE VIRTUAL TABLE messages_fts USING fts5(text, content='messages', content_rowid='rowid');
     INSERT INTO messages_fts (messages_fts) VALUES ('rebuild');
     CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN

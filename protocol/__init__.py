@@ -21,6 +21,7 @@ from .fingerprint import (
 from .keys import IdentityKeyPair, identity_id
 from .messages import (
     MAX_TEXT_BYTES,
+    MAX_TIMER,
     AppMessage,
     ByeReason,
     Content,
@@ -33,6 +34,7 @@ from .messages import (
     SessionReset,
     SignalType,
     Text,
+    Timer,
     Unknown,
     WebRTCSignal,
     check_text,
@@ -54,6 +56,7 @@ from .session import IncomingMessage, Session
 __all__ = [
     "CLASSIC",
     "MAX_TEXT_BYTES",
+    "MAX_TIMER",
     "PIGEON",
     "AppMessage",
     "ByeReason",
@@ -87,6 +90,7 @@ __all__ = [
     "SignalType",
     "SignedPrekey",
     "Text",
+    "Timer",
     "Unknown",
     "WebRTCSignal",
     "check_text",

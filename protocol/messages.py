@@ -23,6 +23,7 @@ MESSAGE_ID_SIZE = 16
 # text, with its message, ratchet and prekey headers, still pads to the
 # 64 KiB envelope bucket (tests check it), not the next one at 256 KiB.
 MAX_TEXT_BYTES = 65_000
+MAX_TIMER = 365 * 24 * 3600  # the longest disappearing-messages timer, in seconds
 MAX_RECEIPT_IDS = 1000
 MAX_SIGNAL_BYTES = 64 * 1024  # an SDP offer or answer
 MAX_REASON_BYTES = 200  # a one-line reason shown to a person
@@ -54,6 +55,7 @@ class Kind(IntEnum):
     SESSION_RESET = 5
     MAILBOX_TOKEN = 6
     INTRODUCTION = 7
+    TIMER = 8
 
 
 class ReceiptType(IntEnum):
@@ -106,6 +108,9 @@ class ByeReason(IntEnum):
 @dataclass(frozen=True)
 class Text:
     text: str
+    # Disappearing: both sides delete it this many seconds after it was
+    # sent (0: kept).
+    expires_in: int = 0
 
 
 @dataclass(frozen=True)
@@ -201,6 +206,14 @@ class Introduction:
 
 
 @dataclass(frozen=True)
+class Timer:
+    """The conversation's disappearing-messages timer, set by the sender for
+    both sides: texts sent from now on carry it (0: off)."""
+
+    seconds: int
+
+
+@dataclass(frozen=True)
 class Unknown:
     """A kind from a newer version: keep the bytes, show nothing."""
 
@@ -209,13 +222,21 @@ class Unknown:
 
 
 Content = (
-    Text | Receipt | FileOffer | WebRTCSignal | SessionReset | MailboxToken | Introduction | Unknown
+    Text
+    | Receipt
+    | FileOffer
+    | WebRTCSignal
+    | SessionReset
+    | MailboxToken
+    | Introduction
+    | Timer
+    | Unknown
 )
 
 
 def _encode_content(content: Content) -> tuple[int, bytes]:
     if isinstance(content, Text):
-        return Kind.TEXT, Writer().text(1, content.text).finish()
+        return Kind.TEXT, Writer().text(1, content.text).uint(2, content.expires_in).finish()
     if isinstance(content, Receipt):
         w = Writer().uint(1, content.receipt_type).repeated_bytes(2, content.message_ids)
         return Kind.RECEIPT, w.finish()
@@ -244,6 +265,8 @@ def _encode_content(content: Content) -> tuple[int, bytes]:
         return Kind.MAILBOX_TOKEN, Writer().bytes_(1, content.token).finish()
     if isinstance(content, Introduction):
         return Kind.INTRODUCTION, Writer().text(1, content.name).finish()
+    if isinstance(content, Timer):
+        return Kind.TIMER, Writer().uint(1, content.seconds).finish()
     return content.kind, content.body
 
 
@@ -258,7 +281,10 @@ def _enum(
 
 def _decode_content(kind: int, body: bytes) -> Content:
     if kind == Kind.TEXT:
-        return Text(Fields(body).text(1, required=False, max_size=MAX_TEXT_BYTES))
+        f = Fields(body)
+        return Text(
+            f.text(1, required=False, max_size=MAX_TEXT_BYTES), f.uint(2, maximum=MAX_TIMER)
+        )
     if kind == Kind.RECEIPT:
         f = Fields(body, repeated={2: MAX_RECEIPT_IDS})
         ids = f.repeated_bytes(2, max_size=MESSAGE_ID_SIZE)
@@ -291,6 +317,8 @@ def _decode_content(kind: int, body: bytes) -> Content:
         raw = Fields(body).bytes_(1, max_size=MAX_TOKEN_SIZE)
         DepositToken.decode(raw)  # well-formed; only a mailbox can check it is genuine
         return MailboxToken(raw)
+    if kind == Kind.TIMER:
+        return Timer(Fields(body).uint(1, maximum=MAX_TIMER))
     if kind == Kind.INTRODUCTION:
         return Introduction(validate_name(Fields(body).text(1, max_size=4 * MAX_NAME_CHARS)))
     return Unknown(kind, body)
@@ -334,3 +362,14 @@ class AppMessage:
             sent_at_ms=f.uint(4),
             content=_decode_content(kind, f.bytes_(5, required=False)),
         )
+
+
+def disappears_at(app: AppMessage, now: int) -> int | None:
+    """When a disappearing text that reached us at ``now`` is deleted (Unix
+    seconds), or None: its timer counted from when it was sent, by the
+    sender's clock, but never from later than its arrival (a sender's clock
+    set ahead gains nothing)."""
+    content = app.content
+    if not isinstance(content, Text) or not content.expires_in:
+        return None
+    return min(app.sent_at_ms // 1000, now) + content.expires_in

@@ -83,6 +83,14 @@ def test_search_follows_deletions_and_sees_older_databases(tmp_path: Path):
     alice.db.execute("DROP TABLE messages_fts")
     for trigger in ("insert", "delete", "update"):
         alice.db.execute(f"DROP TRIGGER messages_fts_{trigger}")
+    alice.db.execute("DROP INDEX messages_by_expiry")
+    for table, column in (
+        ("contacts", "timer_s"),
+        ("messages", "expires_at"),
+        ("outbox", "expires_at"),
+        ("request_messages", "expires_at"),
+    ):
+        alice.db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     alice.db.execute("PRAGMA user_version = 8")
     path = alice.db.path.parent
     alice.db.close()

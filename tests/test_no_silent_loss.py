@@ -57,18 +57,20 @@ def add(a: Daemon, b: Daemon) -> None:
     a.cli("contacts", "add", b.id()["contact_code"], "--as", b.name)
 
 
-def test_a_refused_message_reads_failed_and_arrives_once_the_contact_adds_us(two):
+def test_a_refused_message_reads_failed_and_arrives_once_the_contact_lets_us_in(two):
     alice, bob = two
-    add(alice, bob)  # Bob has not added Alice
+    add(alice, bob)
+    add(bob, alice)
+    bob.cli("block", "alice")
     alice.cli("send", "bob", "hello, it's alice")
     wait_for(lambda: [m["status"] for m in outgoing(alice)] == ["failed"])
     (message,) = outgoing(alice)
     assert "refused by bob's node" in message["reason"]
     assert incoming(bob) == []
-    text = alice.cli("inbox").stdout
-    assert "[failed: refused by bob's node" in text
-    # Bob adds Alice: his node says hello, and Alice's node sends it again
-    add(bob, alice)
+    assert "[failed: refused by bob's node" in alice.cli("inbox").stdout
+    # Bob unblocks Alice and writes to her: her node sends it again
+    bob.cli("unblock", alice.id()["identity_id"][:8])
+    bob.cli("send", "alice", "sorry, you were blocked")
     wait_for(lambda: incoming(bob) == ["hello, it's alice"], timeout=40)
     wait_for(lambda: [m["status"] for m in outgoing(alice)] == ["delivered"], timeout=40)
     assert incoming(bob) == ["hello, it's alice"]

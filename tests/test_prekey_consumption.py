@@ -69,7 +69,7 @@ def test_a_refused_first_message_uses_up_no_one_time_prekey(tmp_path: Path):
     used = offered[2]
     alice.send_text(b_key, "first")
     assert alice.encrypt_queued(b_key, record_of(bob), used) == 1
-    ((_, genuine),) = alice.pending_envelopes(b_key)
+    *_, (_, genuine) = alice.pending_envelopes(b_key)  # after her introduction
 
     message = open_envelope(bob.identity, genuine).payload  # Alice's session message
     incoming = IncomingMessage.decode(message)

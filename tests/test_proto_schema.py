@@ -57,6 +57,7 @@ from pigeon.protocol import (
     SignalType,
     SignedPrekey,
     Text,
+    Timer,
     Unknown,
     WebRTCSignal,
     compare_scannable,
@@ -387,6 +388,12 @@ FILE_SHA256 = rng("file sha256")(32)
 FUTURE_BODY = b"\x08\x01 from a newer version"
 CONTENTS: dict[str, tuple[Content, int, Encoded | bytes]] = {
     "text": (Text(TEXT), Kind.TEXT, Encoded("Text", {"text": TEXT})),
+    "disappearing text": (
+        Text(TEXT, 3600),
+        Kind.TEXT,
+        Encoded("Text", {"text": TEXT, "expires_in": 3600}),
+    ),
+    "timer": (Timer(604800), Kind.TIMER, Encoded("Timer", {"seconds": 604800})),
     "receipt": (
         Receipt(ReceiptType.READ, RECEIPT_IDS),
         Kind.RECEIPT,

@@ -19,6 +19,7 @@ from typing import Any
 
 from pigeon.protocol import (
     MAX_TEXT_BYTES,
+    MAX_TIMER,
     PigeonError,
     check_text,
     format_safety_number,
@@ -242,6 +243,17 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("text", metavar="TEXT", help="every word must be in the message")
     search.add_argument("--limit", type=int, default=50, metavar="N")
     search.add_argument("--json", action="store_true")
+
+    timer = commands.add_parser(
+        "timer",
+        help="disappearing messages: delete a conversation's texts on both sides after a time",
+        description="Set the conversation's timer for you and the contact: texts sent from"
+        " now on are deleted from both nodes that long after they were sent, and one still"
+        " waiting in a mailboxes past its time is never delivered.  DURATION: 30s, 10m, 1h,"
+        " 1d, 1w (at most a year), or off.",
+    )
+    timer.add_argument("contact")
+    timer.add_argument("duration", metavar="DURATION|off")
 
     chat = commands.add_parser("chat", help="talk with a contact interactively")
     chat.add_argument("contact")
@@ -701,6 +713,46 @@ def cmd_history(home: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in "30s", "10m", "1h", "2d", "1w" (or a bare number of
+    seconds); 0 for "off"."""
+    value = text.strip().lower()
+    if value in ("off", "0"):
+        return 0
+    unit = DURATION_UNITS.get(value[-1:], 1) if not value[-1:].isdigit() else 1
+    number = value[:-1] if not value[-1:].isdigit() else value
+    if not number.isdigit() or (not value[-1:].isdigit() and value[-1:] not in DURATION_UNITS):
+        raise UsageError(f"{text!r} is not a duration: use 30s, 10m, 1h, 1d, 1w or off")
+    seconds = int(number) * unit
+    if not 1 <= seconds <= MAX_TIMER:
+        raise UsageError("a timer is from 1 second to a year (or off)")
+    return seconds
+
+
+def format_duration(seconds: int) -> str:
+    for unit, size in sorted(DURATION_UNITS.items(), key=lambda item: -item[1]):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def cmd_timer(home: Path, args: argparse.Namespace) -> int:
+    seconds = parse_duration(args.duration)
+    reply = _client(home).request("timer", contact=args.contact, seconds=seconds)
+    label = safe_line(reply["contact"]["label"])
+    if seconds:
+        print(
+            f"texts with {label} now disappear {format_duration(seconds)} after they are sent,"
+            " on both sides"
+        )
+    else:
+        print(f"texts with {label} are kept (the timer is off)")
+    return 0
+
+
 def cmd_search(home: Path, args: argparse.Namespace) -> int:
     messages = _client(home).request("search", text=args.text, limit=args.limit)["messages"]
     for message in messages:
@@ -769,6 +821,7 @@ COMMANDS = {
     "inbox": cmd_inbox,
     "history": cmd_history,
     "search": cmd_search,
+    "timer": cmd_timer,
     "chat": cmd_chat,
     "send-file": cmd_send_file,
     "files": cmd_files,
