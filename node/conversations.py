@@ -221,8 +221,11 @@ class Conversations:
         return seed
 
     def next_record_sequence(self) -> int:
+        """Higher than every record published before, even by a copy of this
+        node restored from an older backup: the clock's seconds, or one more
+        than the last when several come within a second."""
         with self.db.transaction():
-            sequence = int(self.db.get_meta("record_sequence") or b"0") + 1
+            sequence = max(int(self.db.get_meta("record_sequence") or b"0") + 1, self.now())
             self.db.set_meta("record_sequence", str(sequence).encode())
         return sequence
 

@@ -26,6 +26,7 @@ from pigeon.protocol import (
 )
 
 from . import control
+from .backup import restored_notice
 from .contacts import Contact
 from .host import quiet_libp2p_logs
 from .node import Node, NodeConfig
@@ -539,6 +540,10 @@ async def _serve(home: Path, db: Database, config: NodeConfig) -> None:
             node.host.get_id(),
             ",".join(node.addresses),
         )
+        notice = restored_notice(db)
+        if notice is not None:  # told once, at the first start after a restore
+            log.warning("%s", notice)
+            db.execute("DELETE FROM meta WHERE key = 'restored_at'")
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             nursery.start_soon(_wait_for_signal, signals, stop)
             await stop.wait()

@@ -302,10 +302,18 @@ def _derive(passphrase: str, params: KeyParams) -> bytes:
 def _write_key_file(path: Path, params: dict[str, Any]) -> None:
     """Replace key.json atomically and durably: it holds the only copy of the
     salt, so a crash must leave either the old file or the new one, whole."""
+    write_atomically(path, json.dumps(params).encode())
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write a file (readable by its owner only) so that a crash leaves the
+    old file or the new one, whole, and a finished write survives a power
+    loss: a temporary file beside it, fsync'd, renamed over it, and the
+    folder fsync'd."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:  # mkstemp made it 0600
-            handle.write(json.dumps(params))
+        with os.fdopen(fd, "wb") as handle:  # mkstemp made it 0600
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -358,7 +366,11 @@ class Database:
         self._depth = 0
 
     @classmethod
-    def create(cls, home: Path, passphrase: str, *, fast_kdf: bool = False) -> Database:
+    def create(
+        cls, home: Path, passphrase: str, *, fast_kdf: bool = False, schema: int | None = None
+    ) -> Database:
+        """A new database (refused where one is); its schema the newest, or
+        ``schema`` (a backup's, before its rows go in and it is migrated)."""
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         db_file = home / DB_FILE
         if db_file.exists() and not _is_empty(db_file):
@@ -381,7 +393,7 @@ class Database:
             "check": key_check(key),
         }
         _write_key_file(home / KEY_FILE, params)
-        return cls._connect(db_file, key, create=True, key_checked=True)
+        return cls._connect(db_file, key, create=True, key_checked=True, schema=schema)
 
     @classmethod
     def open(cls, home: Path, passphrase: str) -> Database:
@@ -431,7 +443,15 @@ class Database:
         return db
 
     @classmethod
-    def _connect(cls, db_file: Path, key: bytes, *, create: bool, key_checked: bool) -> Database:
+    def _connect(
+        cls,
+        db_file: Path,
+        key: bytes,
+        *,
+        create: bool,
+        key_checked: bool,
+        schema: int | None = None,
+    ) -> Database:
         # mode=rw: SQLite would otherwise create a missing file, and an empty
         # database would pass for a new one.
         uri = f"{db_file.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
@@ -462,7 +482,7 @@ class Database:
             connection.execute("PRAGMA secure_delete = ON")  # deleted rows are overwritten
             connection.execute("PRAGMA foreign_keys = ON")
             db = cls(connection, db_file)
-            db._migrate()
+            db.migrate(schema)
         except BaseException as error:
             connection.close()
             if _is_damage(error):
@@ -485,13 +505,18 @@ class Database:
     def close(self) -> None:
         self._db.close()
 
-    def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+    @property
+    def schema(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self, upto: int | None = None) -> None:
+        """Bring the schema up to the newest version (or ``upto``)."""
+        version = self.schema
         if version > len(MIGRATIONS):
             raise StorageError(
                 f"{self.path} was written by a newer Pigeon (schema {version}); upgrade Pigeon"
             )
-        for number in range(version, len(MIGRATIONS)):
+        for number in range(version, len(MIGRATIONS) if upto is None else upto):
             with self.transaction():
                 for statement in statements(MIGRATIONS[number]):
                     self._db.execute(statement)

@@ -47,16 +47,22 @@ def resolve_home(args: argparse.Namespace) -> Path:
     return default_home()
 
 
-def passphrase(confirm: bool = False) -> str:
-    value = os.environ.get("PIGEON_PASSPHRASE")
+def passphrase(
+    confirm: bool = False, variable: str = "PIGEON_PASSPHRASE", what: str = "Passphrase"
+) -> str:
+    value = os.environ.get(variable)
     if value is not None:
         return value
     if not sys.stdin.isatty():
-        raise UsageError("no passphrase: set PIGEON_PASSPHRASE or run from a terminal")
-    first = getpass.getpass("Passphrase: ")
-    if confirm and getpass.getpass("Passphrase again: ") != first:
+        raise UsageError(f"no {what.lower()}: set {variable} or run from a terminal")
+    first = getpass.getpass(f"{what}: ")
+    if confirm and getpass.getpass(f"{what} again: ") != first:
         raise UsageError("the passphrases differ")
     return first
+
+
+def backup_passphrase(confirm: bool = False) -> str:
+    return passphrase(confirm, "PIGEON_BACKUP_PASSPHRASE", "Backup passphrase")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -243,6 +249,20 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("text", metavar="TEXT", help="every word must be in the message")
     search.add_argument("--limit", type=int, default=50, metavar="N")
     search.add_argument("--json", action="store_true")
+
+    backup = commands.add_parser(
+        "backup",
+        help="write an encrypted backup, or restore one into a new home",
+        description="A backup holds your identity, contacts, sessions, history and settings,"
+        " encrypted under a backup passphrase (PIGEON_BACKUP_PASSPHRASE, or asked for).  It"
+        " can be made while the daemon runs.  Restore it into a home that holds no"
+        " identity yet, with a passphrase for the new database (PIGEON_PASSPHRASE).",
+    )
+    backup_sub = backup.add_subparsers(dest="action", required=True, metavar="ACTION")
+    backup_create = backup_sub.add_parser("create", help="write an encrypted backup to FILE")
+    backup_create.add_argument("file", metavar="FILE")
+    backup_restore = backup_sub.add_parser("restore", help="restore FILE into this home")
+    backup_restore.add_argument("file", metavar="FILE")
 
     timer = commands.add_parser(
         "timer",
@@ -713,6 +733,41 @@ def cmd_history(home: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(home: Path, args: argparse.Namespace) -> int:
+    from pigeon.node import backup
+    from pigeon.node.storage import Database
+
+    path = Path(args.file).expanduser().absolute()
+    if args.action == "create":
+        if path.is_dir():
+            raise UsageError(f"{path} is a folder: name the backup file to write")
+        db = Database.open(home, passphrase())
+        try:
+            size = backup.create(db, path, backup_passphrase(confirm=True))
+        finally:
+            db.close()
+        print(f"wrote an encrypted backup to {path} ({size:,} bytes)")
+        print("Keep its passphrase: without it, nothing in it can be read.")
+        return 0
+    secret = backup_passphrase()
+    backup.read(path, secret)  # the whole file checked before the new passphrase is asked for
+    db = backup.restore(path, secret, home, passphrase(confirm=True))
+    try:
+        from pigeon.node.conversations import Conversations
+
+        conv = Conversations(db, os.urandom)
+        contacts = db.one("SELECT count(*) FROM contacts")[0]
+        messages = db.one("SELECT count(*) FROM messages")[0]
+        print(
+            f"restored identity {conv.identity.identity_id.hex()} ({safe_line(conv.name)})"
+            f" into {home}: {contacts} contacts, {messages} messages"
+        )
+        print(backup.restored_notice(db))
+    finally:
+        db.close()
+    return 0
+
+
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -822,6 +877,7 @@ COMMANDS = {
     "history": cmd_history,
     "search": cmd_search,
     "timer": cmd_timer,
+    "backup": cmd_backup,
     "chat": cmd_chat,
     "send-file": cmd_send_file,
     "files": cmd_files,
