@@ -277,6 +277,13 @@ def _parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", help="talk with a contact interactively")
     chat.add_argument("contact")
+    tui = commands.add_parser(
+        "tui",
+        help="a full-screen chat: every conversation, live statuses, keyboard only",
+        description="Ctrl+N/Ctrl+P: next/previous conversation; Ctrl+L: the list;"
+        " F2: the safety number; Enter sends; Ctrl+Q quits.",
+    )
+    tui.add_argument("contact", nargs="?", help="the conversation to open first")
 
     files.add_commands(commands)
 
@@ -836,6 +843,12 @@ def cmd_chat(home: Path, args: argparse.Namespace) -> int:
     return run_chat(home, args.contact)
 
 
+def cmd_tui(home: Path, args: argparse.Namespace) -> int:
+    from .tui import run_tui
+
+    return run_tui(home, args.contact)
+
+
 def cmd_send_file(home: Path, args: argparse.Namespace) -> int:
     return files.cmd_send_file(_client(home, timeout=None), args)
 
@@ -879,6 +892,7 @@ COMMANDS = {
     "timer": cmd_timer,
     "backup": cmd_backup,
     "chat": cmd_chat,
+    "tui": cmd_tui,
     "send-file": cmd_send_file,
     "files": cmd_files,
     "accept": cmd_accept,
