@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import time
@@ -83,6 +84,22 @@ def test_offline_delivery_survives_a_mailbox_killed_midway(net):
     assert (
         f"starting a session with contact {bob_id} with a one-time prekey" in alice.log.read_text()
     )
+
+    # A disappearing message whose time runs out while it waits in the mailboxes
+    # is never delivered (and is gone from Alice's side too).
+    alice.cli("timer", "bob", "3s")
+    wait_for(lambda: json.loads(bob.cli("contacts", "list", "--json").stdout)["timer_s"] == 3)
+    bob.stop()
+    alice.cli("send", "bob", "gone before you are back")
+    wait_for(lambda: "sent" in [m["status"] for m in alice.inbox() if m["direction"] == "out"][-1:])
+    alice.cli("timer", "bob", "off")  # queued after it, so it is collected after it
+    wait_for(lambda: "gone before you are back" not in [m["text"] for m in alice.inbox()])
+    bob.start()
+    wait_for(
+        lambda: json.loads(bob.cli("contacts", "list", "--json").stdout)["timer_s"] is None,
+        timeout=60,
+    )
+    assert "gone before you are back" not in incoming(bob)
 
 
 def test_a_mailbox_out_of_reach_for_a_while_is_kept(net):
