@@ -13,7 +13,7 @@ import pytest
 
 from daemons import Daemon
 from pigeon.node.control import Client
-from pigeon.ui.tui import PigeonTUI, VerifyScreen, message_line, qr_blocks
+from pigeon.ui.tui import PigeonTUI, SearchScreen, VerifyScreen, message_line, qr_blocks
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +53,19 @@ def test_the_tui_sends_shows_statuses_and_receives_live(tmp_path: Path):
                 await pilot.pause(0.5)
                 verify = app.export_screenshot()
                 assert "Safety&#160;number&#160;with" in verify and "bob&#160;(not" in verify
+                await pilot.press("escape")
+                # Search, also here: a word that is in a message, and one that is not.
+                await pilot.press("ctrl+f")
+                await until(pilot, lambda: isinstance(app.screen, SearchScreen))
+                await pilot.press(*"live", "enter")
+                await until(pilot, lambda: app.screen.found)
+                assert [m["text"] for m in app.screen.found] == ["a reply, live"]
+                words = app.screen.query_one("#words")
+                words.value = "lighthouse"
+                words.focus()
+                await pilot.press("enter")
+                await pilot.pause(0.5)
+                assert app.screen.found == []
                 await pilot.press("escape")
                 await pilot.press("ctrl+q")
                 return chat, verify

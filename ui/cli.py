@@ -281,7 +281,7 @@ def _parser() -> argparse.ArgumentParser:
         "tui",
         help="a full-screen chat: every conversation, live statuses, keyboard only",
         description="Ctrl+N/Ctrl+P: next/previous conversation; Ctrl+L: the list;"
-        " F2: the safety number; Enter sends; Ctrl+Q quits.",
+        " F2: the safety number; Ctrl+F: search; Enter sends; Ctrl+Q quits.",
     )
     tui.add_argument("contact", nargs="?", help="the conversation to open first")
 

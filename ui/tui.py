@@ -103,6 +103,47 @@ class VerifyScreen(ModalScreen[None]):
             yield Static(qr_blocks(str(reply["qr"])), id="qr", markup=False)
 
 
+class SearchScreen(ModalScreen[str | None]):
+    """Search every conversation (the daemon's full-text index); Enter on a
+    result opens its conversation."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "dismiss_none", "close")]
+
+    def __init__(self, client: Client) -> None:
+        super().__init__()
+        self.client = client
+        self.found: list[dict[str, Any]] = []
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="search"):
+            yield Input(placeholder="words to find, Enter; Esc to close", id="words")
+            yield ListView(id="results")
+
+    @on(Input.Submitted, "#words")
+    def search(self, event: Input.Submitted) -> None:
+        results = self.query_one("#results", ListView)
+        results.clear()
+        try:
+            self.found = self.client.request("search", text=event.value, limit=50)["messages"]
+        except PigeonError as error:
+            self.notify(str(error), severity="error")
+            return
+        for message in self.found:
+            results.append(ListItem(Label(message_line(message), markup=False)))
+        if not self.found:
+            results.append(ListItem(Label("no message holds all of those words")))
+        results.focus()
+
+    @on(ListView.Selected, "#results")
+    def chosen(self, event: ListView.Selected) -> None:
+        index = event.list_view.index
+        if index is not None and index < len(self.found):
+            self.dismiss(peer_of(self.found[index]))
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)
+
+
 class Conversation(ListItem):
     def __init__(self, contact: dict[str, Any]) -> None:
         super().__init__()
@@ -135,12 +176,15 @@ class PigeonTUI(App[int]):
     #verify { width: auto; height: auto; background: $panel; padding: 0 1; }
     #verify Static { width: auto; padding: 0 1; }
     VerifyScreen { align: center middle; }
+    SearchScreen { align: center middle; }
+    #search { width: 76; height: 20; background: $panel; }
     """
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+q", "quit", "quit"),
         Binding("ctrl+n", "next_conversation", "next", priority=True),
         Binding("ctrl+p", "previous_conversation", "previous", priority=True),
         Binding("f2", "verify", "verify", priority=True),
+        Binding("ctrl+f", "search", "search", priority=True),
         Binding("ctrl+l", "focus_list", "list", priority=True),
     ]
 
@@ -363,6 +407,13 @@ class PigeonTUI(App[int]):
     def action_verify(self) -> None:
         if self.current is not None:
             self.push_screen(VerifyScreen(self.client.request("verify", contact=self.current)))
+
+    def action_search(self) -> None:
+        def opened(identity: str | None) -> None:
+            if identity is not None and identity in self.contacts:
+                self.open(identity)
+
+        self.push_screen(SearchScreen(self.client), opened)
 
     def on_unmount(self) -> None:
         self._stop.set()
