@@ -45,6 +45,21 @@ def pigeon(
     return result
 
 
+def create_home(home: Path, name: str) -> None:
+    """What ``pigeon init`` makes (tests/test_cli_errors.py runs that), with the
+    database key derived by the cheaper of Argon2id's two settings the node
+    supports, as ``pigeon sim`` and ``pigeon demo`` do: every start of a test
+    daemon derives it again."""
+    from pigeon.node.conversations import Conversations
+    from pigeon.node.storage import Database
+
+    db = Database.create(home, PASSPHRASE, fast_kdf=True)
+    try:
+        Conversations.initialise(db, name, os.urandom)
+    finally:
+        db.close()
+
+
 class Daemon:
     def __init__(
         self,
@@ -61,7 +76,7 @@ class Daemon:
         self.process: subprocess.Popen[bytes] | None = None
         self._offset = 0
         if not (self.home / "pigeon.db").exists():
-            pigeon(self.home, "init", "--name", name)
+            create_home(self.home, name)
 
     def start(self) -> Daemon:
         return self.launch().wait_ready()

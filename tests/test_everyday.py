@@ -25,8 +25,10 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Daem
     boot = Daemon(root, "boot").start()
     nodes = {"boot": boot, "root": root}
     try:
+        for name in ("alice", "bob"):  # started together
+            nodes[name] = Daemon(root, name, [boot.address]).launch()
         for name in ("alice", "bob"):
-            nodes[name] = Daemon(root, name, [boot.address]).start()
+            nodes[name].wait_ready()
         alice, bob = nodes["alice"], nodes["bob"]
         alice.cli("contacts", "add", bob.id()["contact_code"])
         bob.cli("contacts", "add", alice.id()["contact_code"])

@@ -22,8 +22,10 @@ def network(tmp_path: Path) -> Iterator[dict[str, Daemon]]:
     boot = Daemon(tmp_path, "boot").start()
     nodes = {"boot": boot}
     try:
-        for name in ("alice", "bob", "carol"):
-            nodes[name] = Daemon(tmp_path, name, [boot.address]).start()
+        for name in ("alice", "bob", "carol"):  # started together
+            nodes[name] = Daemon(tmp_path, name, [boot.address]).launch()
+        for daemon in nodes.values():
+            daemon.wait_ready()
         yield nodes
     finally:
         for daemon in nodes.values():
