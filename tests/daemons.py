@@ -180,23 +180,31 @@ BOX = ["--mailbox", "--mailbox-rate-limit", "1000", *FAST]
 
 
 @contextlib.contextmanager
-def mailbox_network(root: Path) -> Iterator[dict[str, Daemon]]:
-    """A bootstrap node, three mailbox peers (box0-box2), Alice and Bob, all
-    collecting every second; every daemon is stopped at the end."""
+def small_network(
+    root: Path, names: tuple[str, ...], extra: dict[str, list[str]] | None = None
+) -> Iterator[dict[str, Daemon]]:
+    """A bootstrap node and the named daemons (with their extra daemon
+    options), started together; every daemon is stopped at the end."""
     nodes: dict[str, Daemon] = {}
     try:
         nodes["boot"] = Daemon(root, "boot").start()
-        boot = [nodes["boot"].address]
-        for i in range(3):
-            nodes[f"box{i}"] = Daemon(root, f"box{i}", boot, BOX)
-        for name in ("alice", "bob"):
-            nodes[name] = Daemon(root, name, boot, FAST)
-        for daemon in list(nodes.values())[1:]:
-            daemon.launch()
-        for daemon in list(nodes.values())[1:]:
+        for name in names:
+            options = (extra or {}).get(name)
+            nodes[name] = Daemon(root, name, [nodes["boot"].address], options).launch()
+        for daemon in nodes.values():
             daemon.wait_ready()
         yield nodes
     finally:
         for daemon in nodes.values():
             if daemon.alive():
                 daemon.stop()
+
+
+@contextlib.contextmanager
+def mailbox_network(root: Path) -> Iterator[dict[str, Daemon]]:
+    """A bootstrap node, three mailbox peers (box0-box2), Alice and Bob, all
+    collecting every second; every daemon is stopped at the end."""
+    boxes = {f"box{i}": BOX for i in range(3)}
+    options = {**boxes, "alice": FAST, "bob": FAST}
+    with small_network(root, (*boxes, "alice", "bob"), options) as nodes:
+        yield nodes

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_conversations import Clock, befriend, exchange, make, texts
+from test_conversations import Clock, exchange, friends, texts
 
 from pigeon.node import backup
 from pigeon.node.backup import BackupError
@@ -28,9 +28,7 @@ def _cheap_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def talk(tmp_path: Path):
     clock = Clock()
-    alice, bob = make(tmp_path, "alice", clock), make(tmp_path, "bob", clock)
-    befriend(alice, bob)
-    befriend(bob, alice)
+    alice, bob = friends(tmp_path, clock)
     alice.send_text(bob.identity.public_key, "hello bob")
     exchange(alice, bob)
     bob.send_text(alice.identity.public_key, "hello alice, nice weather")

@@ -70,6 +70,14 @@ def befriend(a: Conversations, b: Conversations, alias: str | None = None) -> No
     a.contacts.add(ContactCode(b.identity.public_key, b.name), alias, a.now())
 
 
+def friends(root: Path, clock: Clock) -> tuple[Conversations, Conversations]:
+    """Alice and Bob, each the other's contact."""
+    alice, bob = make(root, "alice", clock), make(root, "bob", clock)
+    befriend(alice, bob)
+    befriend(bob, alice)
+    return alice, bob
+
+
 def flush(sender: Conversations, receiver: Conversations) -> list[object]:
     """Encrypt the sender's queue for the receiver (starting a session from the
     receiver's record when needed) and deliver the outbox directly."""

@@ -11,32 +11,23 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from daemons import Daemon, env, wait_for
+from daemons import Daemon, env, small_network, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Daemon]]:
+def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("everyday")
-    boot = Daemon(root, "boot").start()
-    nodes = {"boot": boot, "root": root}
-    try:
-        for name in ("alice", "bob"):  # started together
-            nodes[name] = Daemon(root, name, [boot.address]).launch()
-        for name in ("alice", "bob"):
-            nodes[name].wait_ready()
+    with small_network(root, ("alice", "bob")) as nodes:
         alice, bob = nodes["alice"], nodes["bob"]
         alice.cli("contacts", "add", bob.id()["contact_code"])
         bob.cli("contacts", "add", alice.id()["contact_code"])
-        yield nodes  # type: ignore[misc]
-    finally:
-        for daemon in nodes.values():
-            if isinstance(daemon, Daemon) and daemon.alive():
-                daemon.stop()
+        yield {**nodes, "root": root}
 
 
 def texts(daemon: Daemon, direction: str = "in") -> list[str]:

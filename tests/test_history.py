@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_conversations import Clock, befriend, exchange, make
+from test_conversations import Clock, exchange, friends
 
 from pigeon.node.conversations import Conversations
 from pigeon.node.storage import Database
@@ -19,9 +19,7 @@ from pigeon.protocol import LocalProtocolError
 def talk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Conversations, Conversations]:
     root = tmp_path_factory.mktemp("talk")
     clock = Clock()
-    alice, bob = make(root, "alice", clock), make(root, "bob", clock)
-    befriend(alice, bob)
-    befriend(bob, alice)
+    alice, bob = friends(root, clock)
     for i in range(25):
         alice.send_text(
             bob.identity.public_key, f"message {i} about apples" if i % 5 == 0 else f"message {i}"
@@ -70,9 +68,7 @@ def test_search_finds_by_a_word_in_a_message_and_not_by_one_that_is_not(talk):
 
 def test_search_follows_deletions_and_sees_older_databases(tmp_path: Path):
     clock = Clock()
-    alice, bob = make(tmp_path, "alice", clock), make(tmp_path, "bob", clock)
-    befriend(alice, bob)
-    befriend(bob, alice)
+    alice, bob = friends(tmp_path, clock)
     alice.send_text(bob.identity.public_key, "a secret plan")
     exchange(alice, bob)
     assert bob.search("secret", 10)

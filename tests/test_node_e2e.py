@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons import Daemon, pigeon, wait_for
+from daemons import Daemon, pigeon, small_network, wait_for
 from pigeon.node.control import Client
 
 pytestmark = pytest.mark.slow
@@ -18,17 +18,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def network(tmp_path: Path) -> Iterator[dict[str, Daemon]]:
-    boot = Daemon(tmp_path, "boot").start()
-    nodes = {"boot": boot}
-    try:
-        address = boot.address
-        for name in ("alice", "bob"):
-            nodes[name] = Daemon(tmp_path, name, [address]).start()
+    with small_network(tmp_path, ("alice", "bob")) as nodes:
         yield nodes
-    finally:
-        for daemon in nodes.values():
-            if daemon.alive():
-                daemon.stop()
 
 
 def befriend(a: Daemon, b: Daemon) -> None:

@@ -13,6 +13,7 @@ from test_conversations import (
     befriend,
     exchange,
     flush,
+    friends,
     make,
     record_of,
     statuses,
@@ -122,9 +123,7 @@ def test_a_contact_that_moved_gets_nothing_until_accepted_then_the_conversation_
     tmp_path: Path,
 ) -> None:
     clock = Clock()
-    alice, bob = make(tmp_path, "alice", clock), make(tmp_path, "bob", clock)
-    befriend(alice, bob)
-    befriend(bob, alice)
+    alice, bob = friends(tmp_path, clock)
     old_key = alice.identity.public_key
     alice.send_text(bob.identity.public_key, "before")
     exchange(alice, bob)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from nacl.signing import SigningKey
-from test_conversations import Clock, befriend, exchange, flush, make, record_of, texts
+from test_conversations import Clock, exchange, flush, friends, record_of, texts
 
 from pigeon.node.mailbox_store import MailboxLimits, MailboxStore
 from pigeon.node.storage import Database
@@ -17,10 +17,7 @@ from pigeon.protocol import MAX_TIMER, LocalProtocolError
 
 def talk(tmp_path: Path):
     clock = Clock()
-    alice, bob = make(tmp_path, "alice", clock), make(tmp_path, "bob", clock)
-    befriend(alice, bob)
-    befriend(bob, alice)
-    return alice, bob, clock
+    return (*friends(tmp_path, clock), clock)
 
 
 def test_a_timer_set_by_one_side_deletes_on_both_sides_when_it_runs_out(tmp_path):

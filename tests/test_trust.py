@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons import Daemon, wait_for
+from daemons import Daemon, small_network, wait_for
 from pigeon.protocol import safety_number
 from pigeon.ui import qr
 
@@ -19,18 +19,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def network(tmp_path: Path) -> Iterator[dict[str, Daemon]]:
-    boot = Daemon(tmp_path, "boot").start()
-    nodes = {"boot": boot}
-    try:
-        for name in ("alice", "bob", "carol"):  # started together
-            nodes[name] = Daemon(tmp_path, name, [boot.address]).launch()
-        for daemon in nodes.values():
-            daemon.wait_ready()
+    with small_network(tmp_path, ("alice", "bob", "carol")) as nodes:
         yield nodes
-    finally:
-        for daemon in nodes.values():
-            if daemon.alive():
-                daemon.stop()
 
 
 def contacts(daemon: Daemon) -> dict[str, dict[str, object]]:

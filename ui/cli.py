@@ -269,7 +269,7 @@ def _parser() -> argparse.ArgumentParser:
         help="disappearing messages: delete a conversation's texts on both sides after a time",
         description="Set the conversation's timer for you and the contact: texts sent from"
         " now on are deleted from both nodes that long after they were sent, and one still"
-        " waiting in a mailboxes past its time is never delivered.  DURATION: 30s, 10m, 1h,"
+        " waiting in a mailbox past its time is never delivered.  DURATION: 30s, 10m, 1h,"
         " 1d, 1w (at most a year), or off.",
     )
     timer.add_argument("contact")
