@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from pigeon.protocol import AppMessage, DecryptError, FileOffer, Introduction, Text
+from pigeon.protocol import AppMessage, DecryptError, FileOffer, Introduction, MailboxToken, Text
 from pigeon.protocol.keys import identity_id
 from pigeon.protocol.messages import disappears_at
 
@@ -135,8 +135,14 @@ class Requests:
             # Not kept for later: its sender should see it refused (its file
             # waits on its side), not offered for ever.
             self._refuse(key)
+        if isinstance(content, MailboxToken):
+            # Its sender will not send another for days: kept for when it is accepted.
+            self.db.execute(
+                "UPDATE requests SET mailbox_token = ? WHERE identity_key = ?", (content.token, key)
+            )
+            return True
         if not isinstance(content, Text):
-            return True  # receipts, tokens, signalling: nothing to keep before acceptance
+            return True  # receipts, signalling: nothing to keep before acceptance
         if self.db.one("SELECT 1 FROM request_messages WHERE id = ?", (app.message_id,)):
             return False
         if size + len(content.text.encode("utf-8")) > BYTES_EACH:
@@ -268,6 +274,11 @@ class Requests:
                 (key,),
             )
         ]
+        token = self.db.one("SELECT mailbox_token FROM requests WHERE identity_key = ?", (key,))
+        if token is not None and token[0] is not None:  # the contact is there by now
+            self.db.execute(
+                "UPDATE contacts SET mailbox_token = ? WHERE identity_key = ?", (token[0], key)
+            )
         self.db.execute("DELETE FROM request_messages WHERE identity_key = ?", (key,))
         self.db.execute("DELETE FROM requests WHERE identity_key = ?", (key,))
         self.db.execute("UPDATE received_envelopes SET stranger = NULL WHERE stranger = ?", (key,))

@@ -213,6 +213,7 @@ MIGRATIONS: list[str] = [
     CREATE INDEX messages_by_expiry ON messages (expires_at) WHERE expires_at IS NOT NULL;
     ALTER TABLE outbox ADD COLUMN expires_at INTEGER;
     ALTER TABLE request_messages ADD COLUMN expires_at INTEGER;
+    ALTER TABLE requests ADD COLUMN mailbox_token BLOB;
     CREATE VIRTUAL TABLE messages_fts USING fts5(text, content='messages', content_rowid='rowid');
     INSERT INTO messages_fts (messages_fts) VALUES ('rebuild');
     CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN

@@ -85,6 +85,7 @@ def test_search_follows_deletions_and_sees_older_databases(tmp_path: Path):
         ("messages", "expires_at"),
         ("outbox", "expires_at"),
         ("request_messages", "expires_at"),
+        ("requests", "mailbox_token"),
     ):
         alice.db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     alice.db.execute("PRAGMA user_version = 8")

@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from nacl.signing import SigningKey
 from test_conversations import Clock, befriend, exchange, make, record_of, texts
 
+from helpers import deposit_token
 from pigeon.node import requests
 from pigeon.node.conversations import Conversations
 from pigeon.protocol import (
@@ -16,6 +18,7 @@ from pigeon.protocol import (
     DecryptError,
     IdentityKeyPair,
     Introduction,
+    MailboxToken,
     Session,
     Text,
     seal,
@@ -32,7 +35,7 @@ class Stranger:
         self.lamport = 0
         self.first = [self.envelope(Introduction(name))]
 
-    def envelope(self, content: Text | Introduction) -> bytes:
+    def envelope(self, content: Text | Introduction | MailboxToken) -> bytes:
         self.lamport += 1
         app = AppMessage.new(content, lamport=self.lamport, sent_at_ms=0, random=os.urandom)
         return seal(self.identity, self.key, self.session.encrypt(app.encode()), os.urandom)
@@ -103,3 +106,16 @@ def test_a_stranger_that_cannot_be_read_leaves_nothing(tmp_path: Path) -> None:
     assert isinstance(bob.accept_envelopes([bytes(damaged)])[0], DecryptError)
     assert bob.requests.all() == []
     assert bob.db.one("SELECT count(*) FROM sessions")[0] == 0
+
+
+def test_a_stranger_s_deposit_token_is_kept_for_when_it_is_accepted(tmp_path: Path) -> None:
+    """Its sender sends one a week: dropping it would make the new contact
+    pay proof of work for every deposit until the next."""
+    clock = Clock()
+    bob = make(tmp_path, "bob", clock)
+    stranger = Stranger(bob, "tokened")
+    token = deposit_token(SigningKey.generate(), expires_at=clock.now + 3600)
+    bob.accept_envelopes([*stranger.first, stranger.envelope(MailboxToken(token))])
+    assert bob.db.one("SELECT count(*) FROM contacts")[0] == 0
+    bob.accept_request(stranger.identity.public_key)
+    assert bob.deposit_token(stranger.identity.public_key) == token
