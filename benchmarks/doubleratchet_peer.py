@@ -12,7 +12,9 @@ Pigeon's KDFs.
   the same ratchet keys.
 
 The package is asynchronous but never waits on anything, so its coroutines are
-driven to completion directly.  Used by ``tests/test_cross_check.py`` and
+driven to completion directly; :attr:`Peer.state` is the package's own
+conversation object, for awaiting its coroutines on an event loop as its users
+do.  Used by ``tests/test_cross_check.py`` and
 ``benchmarks/ratchet.py``.  Besides whole conversations (:class:`Peer`), the
 package's root KDF chain (:func:`root_chain_step`) and its Diffie-Hellman
 ratchet alone, built from explicit state (:class:`DHRatchet`), are exposed for
@@ -101,7 +103,12 @@ def _classes(
     privates: list[bytes],
     used_keys: list[bytes],
     recommended_aead: bool,
-) -> tuple[type, type, type, type]:
+) -> tuple[
+    type[kdf_hkdf.KDF],
+    type[dr_aead.AEAD],
+    type[diffie_hellman_ratchet_curve25519.DiffieHellmanRatchet],
+    type[double_ratchet.DoubleRatchet],
+]:
     RootKDF = _root_kdf(root_info)
 
     class GcmAEAD(dr_aead.AEAD):
@@ -174,6 +181,14 @@ class Peer:
         )
         self._state: Any = None
 
+    @property
+    def state(self) -> double_ratchet.DoubleRatchet:
+        """The package's conversation object (after :meth:`start` or :meth:`accept`),
+        whose ``encrypt_message`` and ``decrypt_message`` coroutines can be awaited."""
+        if self._state is None:
+            raise RuntimeError("the conversation has not started")
+        return self._state  # type: ignore[no-any-return]
+
     def _config(self) -> dict[str, Any]:
         return {
             "diffie_hellman_ratchet_class": self._ratchet,
@@ -209,7 +224,7 @@ class Peer:
                 **self._config(),
             )
         )
-        return plaintext  # type: ignore[no-any-return]
+        return plaintext
 
     def encrypt(self, plaintext: bytes) -> EncryptedMessage:
         return run(self._state.encrypt_message(plaintext, self.ad))  # type: ignore[no-any-return]

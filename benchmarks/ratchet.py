@@ -1,12 +1,19 @@
 """Double Ratchet speed: Pigeon against the ``doubleratchet`` package and the
 floor (the primitive calls the spec requires, timed alone), in one run.
 
-    python benchmarks/ratchet.py [--json] [--messages N]
+    python benchmarks/ratchet.py [--json] [--messages N] [--rounds R]
 
 Prints microseconds per 1 KiB message (encrypt + decrypt), one direction and
 ping-pong (the direction flips every message, so every message is a DH
 ratchet step).  Pigeon runs its production configuration (header encryption
 on); the floor counts the header-encryption primitives too.
+
+Every variant does the same messages in every round, interleaved (round 1:
+ours, peer, peer_recommended, floor, one-way then ping-pong; round 2: the
+same; ...), so that the rest of the machine weighs on all of them alike.  The
+times reported are the best of the rounds; each ratio is given twice: from
+those best times, and as the median of the ratios within each round (the
+one less moved by load: both sides of a ratio ran seconds apart).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -26,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from doubleratchet.double_ratchet import DoubleRatchet
 from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
 
-from benchmarks.doubleratchet_peer import Peer, make_pair
+from benchmarks.doubleratchet_peer import make_pair
 from pigeon.protocol import PIGEON, DirectoryRecord, IdentityKeyPair, Session
 from pigeon.protocol.crypto import hkdf, hmac_sha256_pair, x25519_keypair
 from pigeon.protocol.records import SignedPrekey
@@ -36,14 +45,11 @@ from pigeon.protocol.session import IncomingMessage
 
 PAYLOAD = os.urandom(1024)
 AD = os.urandom(64)
+VARIANTS = ("ours", "peer", "peer_recommended", "floor")
+MODES = ("oneway", "pingpong")
 
 
-def best_of(runs: int, measure: Callable[[], float]) -> float:
-    """The fastest of several runs: the least disturbed by the rest of the machine."""
-    return min(measure() for _ in range(runs))
-
-
-def per_message(n: int, step: Callable[[], None]) -> float:
+def per_message(n: int, step: Callable[[], object]) -> float:
     start = time.perf_counter()
     for _ in range(n):
         step()
@@ -58,8 +64,13 @@ def pigeon_pair() -> tuple[Session, Session]:
     spk_private, spk_public = x25519_keypair(os.urandom)
     record = DirectoryRecord(bob.public_key, "bob", 1, 0, 3600, SignedPrekey(1, spk_public, 0))
     a = Session.initiate(alice, record.bundle(), os.urandom, PIGEON)
+    no_one_time_prekeys: dict[int, bytes] = {}
     b, _ = Session.respond(
-        bob, IncomingMessage.decode(a.encrypt(b"x")), {1: spk_private}.get, {}.get, os.urandom
+        bob,
+        IncomingMessage.decode(a.encrypt(b"x")),
+        {1: spk_private}.get,
+        no_one_time_prekeys.get,
+        os.urandom,
     )
     a.decrypt(IncomingMessage.decode(b.encrypt(b"y")))
     return a, b
@@ -69,7 +80,7 @@ def ours(n: int, pingpong: bool) -> float:
     a, b = pigeon_pair()
     ra, rb, ad = a.ratchet, b.ratchet, a._ad  # the ratchet alone, as for the others
     if not pingpong:
-        return per_message(n, lambda: rb.decrypt(ra.encrypt(PAYLOAD, ad), ad) and None)
+        return per_message(n, lambda: rb.decrypt(ra.encrypt(PAYLOAD, ad), ad))
 
     def two() -> None:
         rb.decrypt(ra.encrypt(PAYLOAD, ad), ad)
@@ -81,37 +92,47 @@ def ours(n: int, pingpong: bool) -> float:
 # -- the doubleratchet package ---------------------------------------------------
 
 
-def peer(n: int, pingpong: bool, recommended: bool = False) -> float:
-    """Like for like: Pigeon's KDFs and AES-GCM, coroutines driven directly.
-    ``recommended``: the package's AES-CBC + HMAC, each call awaited through
-    an asyncio event loop, as a synchronous application would use it."""
-    alice, bob = make_pair(os.urandom(32), os.urandom(32), AD, recommended_aead=recommended)
-    bob.decrypt(alice.encrypt(b"x"))
-    alice.decrypt(bob.encrypt(b"y"))
-    if recommended:
-        loop = asyncio.new_event_loop()
+def peer(n: int, pingpong: bool) -> float:
+    """Like for like: Pigeon's KDFs and AES-GCM, the package's coroutines
+    driven directly (they never wait on anything)."""
+    alice, bob = make_pair(os.urandom(32), os.urandom(32), AD)
+    assert bob.decrypt(alice.encrypt(b"x")) == b"x"
+    assert alice.decrypt(bob.encrypt(b"y")) == b"y"
+    if not pingpong:
+        return per_message(n, lambda: bob.decrypt(alice.encrypt(PAYLOAD)))
 
-        def exchange(sender: Peer, receiver: Peer) -> None:
-            message = loop.run_until_complete(sender._state.encrypt_message(PAYLOAD, AD))
-            loop.run_until_complete(receiver._state.decrypt_message(message, AD))
+    def two() -> None:
+        bob.decrypt(alice.encrypt(PAYLOAD))
+        alice.decrypt(bob.encrypt(PAYLOAD))
 
+    return per_message(n // 2, two) / 2
+
+
+def peer_recommended(n: int, pingpong: bool) -> float:
+    """The package as its users run it: its recommended AEAD (AES-256-CBC +
+    HMAC-SHA256, with Pigeon's KDFs otherwise), and one asyncio event loop
+    running one coroutine that awaits every call of the whole conversation."""
+    alice, bob = make_pair(os.urandom(32), os.urandom(32), AD, recommended_aead=True)
+    return asyncio.run(conversation(alice.state, bob.state, n, pingpong))
+
+
+async def conversation(alice: DoubleRatchet, bob: DoubleRatchet, n: int, pingpong: bool) -> float:
+    """Microseconds per message for ``n`` messages, timed inside the coroutine."""
+    assert await bob.decrypt_message(await alice.encrypt_message(b"x", AD), AD) == b"x"
+    assert await alice.decrypt_message(await bob.encrypt_message(b"y", AD), AD) == b"y"
+    start = time.perf_counter()
+    if not pingpong:
+        for _ in range(n):
+            message = await alice.encrypt_message(PAYLOAD, AD)
+            await bob.decrypt_message(message, AD)
     else:
-
-        def exchange(sender: Peer, receiver: Peer) -> None:
-            receiver.decrypt(sender.encrypt(PAYLOAD))
-
-    try:
-        if not pingpong:
-            return per_message(n, lambda: exchange(alice, bob))
-
-        def two() -> None:
-            exchange(alice, bob)
-            exchange(bob, alice)
-
-        return per_message(n // 2, two) / 2
-    finally:
-        if recommended:
-            loop.close()
+        for _ in range(n // 2):
+            message = await alice.encrypt_message(PAYLOAD, AD)
+            await bob.decrypt_message(message, AD)
+            message = await bob.encrypt_message(PAYLOAD, AD)
+            await alice.decrypt_message(message, AD)
+        n = n // 2 * 2
+    return (time.perf_counter() - start) / n * 1e6
 
 
 # -- the floor: the spec's primitive calls, nothing else --------------------------
@@ -151,41 +172,63 @@ def floor(n: int, pingpong: bool) -> float:
     return per_message(n, message)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print one JSON line")
-    parser.add_argument("--messages", type=int, default=4000, help="messages per run")
-    parser.add_argument("--runs", type=int, default=5, help="runs per figure (best kept)")
-    args = parser.parse_args()
-    n, runs = args.messages, args.runs
-    figures = {
-        "ours_oneway_us": best_of(runs, lambda: ours(n, False)),
-        "ours_pingpong_us": best_of(runs, lambda: ours(n, True)),
-        "peer_oneway_us": best_of(runs, lambda: peer(n // 4, False)),
-        "peer_pingpong_us": best_of(runs, lambda: peer(n // 4, True)),
-        "peer_recommended_oneway_us": best_of(runs, lambda: peer(n // 4, False, True)),
-        "peer_recommended_pingpong_us": best_of(runs, lambda: peer(n // 4, True, True)),
-        "floor_oneway_us": best_of(runs, lambda: floor(n, False)),
-        "floor_pingpong_us": best_of(runs, lambda: floor(n, True)),
-    }
-    result: dict[str, object] = {k: round(v, 1) for k, v in figures.items()}
-    for mode in ("oneway", "pingpong"):
-        result[f"speedup_vs_peer_{mode}"] = round(
-            figures[f"peer_{mode}_us"] / figures[f"ours_{mode}_us"], 2
-        )
-        result[f"ratio_to_floor_{mode}"] = round(
-            figures[f"ours_{mode}_us"] / figures[f"floor_{mode}_us"], 2
-        )
-        result[f"speedup_vs_peer_recommended_{mode}"] = round(
-            figures[f"peer_recommended_{mode}_us"] / figures[f"ours_{mode}_us"], 2
-        )
+MEASURES: dict[str, Callable[[int, bool], float]] = {
+    "ours": ours,
+    "peer": peer,
+    "peer_recommended": peer_recommended,
+    "floor": floor,
+}
+RATIOS = {  # name: (numerator, denominator)
+    "speedup_vs_peer": ("peer", "ours"),
+    "speedup_vs_peer_recommended": ("peer_recommended", "ours"),
+    "ratio_to_floor": ("ours", "floor"),
+}
+
+
+def measure(n: int, rounds: int) -> dict[str, object]:
+    """``rounds`` rounds, each timing every variant in both modes, interleaved."""
+    for variant in VARIANTS:  # a short untimed pass first: imports, caches, allocator
+        for mode in MODES:
+            MEASURES[variant](50, mode == "pingpong")
+    times: dict[str, list[float]] = {f"{v}_{m}": [] for v in VARIANTS for m in MODES}
+    for _ in range(rounds):
+        for mode in MODES:
+            for variant in VARIANTS:
+                times[f"{variant}_{mode}"].append(MEASURES[variant](n, mode == "pingpong"))
+    best = {key: min(values) for key, values in times.items()}
+    result: dict[str, object] = {f"{key}_us": round(value, 1) for key, value in best.items()}
+    for mode in MODES:
+        for name, (top, bottom) in RATIOS.items():
+            per_round = [
+                t / b
+                for t, b in zip(times[f"{top}_{mode}"], times[f"{bottom}_{mode}"], strict=True)
+            ]
+            result[f"{name}_{mode}"] = round(best[f"{top}_{mode}"] / best[f"{bottom}_{mode}"], 2)
+            result[f"{name}_{mode}_round_median"] = round(statistics.median(per_round), 2)
+            result[f"{name}_{mode}_round_range"] = [
+                round(min(per_round), 2),
+                round(max(per_round), 2),
+            ]
+    result["times"] = "best of rounds"
+    result["ratios"] = "of the best times; _round_median: median of the per-round ratios"
     result["messages"] = n
+    result["rounds"] = rounds
     result["python"] = platform.python_version()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--messages", type=int, default=4000, help="messages per variant and round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (best time kept)")
+    args = parser.parse_args()
+    result = measure(args.messages, args.rounds)
     if args.json:
         print(json.dumps(result))
     else:
         for key, value in result.items():
-            print(f"{key:28} {value}")
+            print(f"{key:50} {value}")
     return 0
 
 
