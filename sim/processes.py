@@ -76,6 +76,7 @@ class ProcessFleet:
         self.ports: dict[int, int] = {}
         self.codes: dict[int, str] = {}
         self.bootstrap: dict[int, str] = {}
+        self.addresses: dict[int, str] = {}  # each node's first address, with /p2p/
         self.seen: dict[int, int] = {}
         self.earlier = EarlierRuns()
         self.peak_kb: dict[int, int] = {}
@@ -142,6 +143,7 @@ class ProcessFleet:
         self.codes[node] = str(info["contact_code"])
         address = str(info["addresses"][0])
         self.ports[node] = int(address.split("/")[4])
+        self.addresses[node] = address
         if node in self.mailboxes:
             self.bootstrap[node] = address
 
