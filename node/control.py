@@ -4,6 +4,10 @@ A Unix socket in the node's home, mode 0600.  One JSON object per line each
 way: a request ``{"cmd": ..., ...}`` gets ``{"ok": true, ...}`` or
 ``{"ok": false, "error": "one line"}``.  ``follow`` keeps the connection open
 and streams ``{"event": "message", ...}`` lines.  See docs/CONTROL.md.
+
+This is the daemon's side, on trio.  The blocking client the commands use is
+in control_client.py, which imports no trio (so that they start quickly); its
+names are re-exported here.
 """
 
 from __future__ import annotations
@@ -13,8 +17,7 @@ import json
 import logging
 import os
 import re
-import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +25,13 @@ import trio
 
 from pigeon.protocol import PigeonError
 
+# The client's names, where they have always been imported from.
+from .control_client import MAX_REQUEST as MAX_REQUEST
+from .control_client import SOCKET_NAME as SOCKET_NAME
+from .control_client import Client as Client
+from .control_client import DaemonNotRunning as DaemonNotRunning
+
 log = logging.getLogger("pigeon.control")
-SOCKET_NAME = "control.sock"
-# Room for the longest text (MAX_TEXT_BYTES) however JSON escapes it: at worst
-# six characters (a \uXXXX escape) for each byte.
-MAX_REQUEST = 1024 * 1024
 # Connections served at once.  A command holds one while it runs (a chat, two),
 # so this is far more than a person uses; without a cap, a local process could
 # make the daemon hold thousands of tasks and file descriptors.
@@ -41,10 +46,6 @@ RECEIVE_SIZE = 65536
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Handler = Callable[[dict[str, Any], Send], Awaitable[dict[str, Any] | None]]
-
-
-class DaemonNotRunning(PigeonError):
-    pass
 
 
 class BadRequest(PigeonError):
@@ -322,78 +323,3 @@ async def _answer(
     if failures:
         return _error_reply(request, failures[0])
     return replies[0] if replies else None
-
-
-class Client:
-    """A blocking client, for the command line.  Every way the conversation
-    with the daemon can fail is a PigeonError with one line to show."""
-
-    def __init__(self, home: Path, timeout: float | None = 30.0) -> None:
-        self.path = home / SOCKET_NAME
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(str(self.path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            self.sock.close()
-            raise DaemonNotRunning(
-                f"the Pigeon daemon is not running for {home} (start it: pigeon daemon)"
-            ) from None
-        except OSError as error:
-            self.sock.close()
-            raise PigeonError(f"cannot reach the daemon's control socket: {error}") from None
-        self.file = self.sock.makefile("rwb")
-
-    def request(self, cmd: str, **args: Any) -> dict[str, Any]:
-        line = json.dumps({"cmd": cmd, **args}).encode() + b"\n"
-        if len(line) > MAX_REQUEST:
-            raise PigeonError(f"request too large for the daemon ({len(line):,} bytes)")
-        try:
-            self.file.write(line)
-            self.file.flush()
-        except OSError as error:
-            # The daemon may have said why before it closed (too many
-            # connections, say): that beats "broken pipe".
-            raise PigeonError(
-                self._last_words() or f"lost the connection to the daemon: {error}"
-            ) from None
-        reply = self._read()
-        if not reply.get("ok", False):
-            raise PigeonError(str(reply.get("error", "the daemon refused the request")))
-        return reply
-
-    def _read(self) -> dict[str, Any]:
-        try:
-            line = self.file.readline()
-        except TimeoutError:
-            raise PigeonError("the daemon did not answer in time") from None
-        except OSError as error:
-            raise PigeonError(f"lost the connection to the daemon: {error}") from None
-        if not line:
-            raise PigeonError("the daemon closed the connection")
-        try:
-            value = json.loads(line)
-        except ValueError:
-            raise PigeonError("the daemon sent something that is not JSON") from None
-        if not isinstance(value, dict):
-            raise PigeonError("the daemon sent something unexpected")
-        return value
-
-    def _last_words(self) -> str | None:
-        """The error the daemon sent before closing the connection, if it did."""
-        try:
-            reply = self._read()
-        except PigeonError:
-            return None
-        error = reply.get("error")
-        return str(error) if reply.get("ok") is False and error else None
-
-    def events(self) -> Iterator[dict[str, Any]]:
-        while True:
-            yield self._read()
-
-    def close(self) -> None:
-        # the daemon may have gone away first: nothing is lost by not flushing
-        with contextlib.suppress(OSError):
-            self.file.close()
-        self.sock.close()

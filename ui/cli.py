@@ -3,6 +3,11 @@
 Every command but ``init``, ``daemon``, ``demo`` (and ``id`` when no daemon
 runs) talks to the running daemon through its control socket.  Errors are
 one line on stderr and a non-zero exit code.
+
+A command that only talks to the daemon imports neither trio nor libp2p (nor
+aiortc, textual or matplotlib): what a command needs beyond the standard
+library, the protocol and the control-socket client it imports inside itself.
+tests/test_cli_imports.py holds the commands to it.
 """
 
 from __future__ import annotations
@@ -65,18 +70,42 @@ def backup_passphrase(confirm: bool = False) -> str:
     return passphrase(confirm, "PIGEON_BACKUP_PASSPHRASE", "Backup passphrase")
 
 
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked for: reading the installed
+    package's metadata costs every other command tens of milliseconds."""
+
+    def __init__(self, option_strings: list[str], dest: str) -> None:
+        super().__init__(
+            option_strings,
+            dest=argparse.SUPPRESS,
+            default=argparse.SUPPRESS,
+            nargs=0,
+            help="show program's version number and exit",
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("pigeon-messenger")
+        except metadata.PackageNotFoundError:
+            version = "unknown (not installed)"
+        print(f"pigeon {version}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pigeon", description="Peer-to-peer, end-to-end encrypted messaging."
     )
     parser.add_argument("--home", help="node directory (default: $PIGEON_HOME or user data dir)")
-    from importlib import metadata
-
-    try:
-        version = metadata.version("pigeon-messenger")
-    except metadata.PackageNotFoundError:
-        version = "unknown (not installed)"
-    parser.add_argument("--version", action="version", version=f"pigeon {version}")
+    parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     init = commands.add_parser("init", help="create your identity")
@@ -298,7 +327,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _client(home: Path, timeout: float | None = 60.0) -> Any:
-    from pigeon.node.control import Client
+    from pigeon.node.control_client import Client
 
     return Client(home, timeout)
 
@@ -348,7 +377,7 @@ def cmd_init(home: Path, args: argparse.Namespace) -> int:
 
 
 def cmd_id(home: Path, args: argparse.Namespace) -> int:
-    from pigeon.node.control import DaemonNotRunning
+    from pigeon.node.control_client import DaemonNotRunning
 
     try:
         client = _client(home)
@@ -419,7 +448,7 @@ def cmd_daemon(home: Path, args: argparse.Namespace) -> int:
 def cmd_stop(home: Path, args: argparse.Namespace) -> int:
     import fcntl
 
-    from pigeon.node.control import SOCKET_NAME, DaemonNotRunning
+    from pigeon.node.control_client import SOCKET_NAME, DaemonNotRunning
 
     def running() -> bool:
         """The daemon removes its control socket as it shuts down, then closes
@@ -641,7 +670,7 @@ def cmd_requests(home: Path, args: argparse.Namespace) -> int:
 
 
 def cmd_identity(home: Path, args: argparse.Namespace) -> int:
-    from pigeon.node.control import DaemonNotRunning
+    from pigeon.node.control_client import DaemonNotRunning
     from pigeon.node.conversations import Conversations
     from pigeon.node.storage import Database
 
