@@ -107,6 +107,10 @@ class ContactBook:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._verified: OrderedDict[bytes, DirectoryRecord] = OrderedDict()
+        # label (casefolded) -> identity key, so naming a contact costs the
+        # same with a thousand contacts as with one.  Only a hint: every hit
+        # is checked against the contact's row, and a miss reads the table.
+        self._labels: dict[str, bytes] | None = None
 
     # -- reading ------------------------------------------------------------
 
@@ -167,24 +171,45 @@ class ContactBook:
                 raise UnknownContact("that contact code is not one of your contacts")
             return self.get(key)
         wanted = name.casefold()
-        rows = self.db.all(f"SELECT {self._COLUMNS} FROM contacts")
+        hinted = self._label_index().get(wanted)
+        if hinted is not None:
+            row = self.db.one(
+                f"SELECT {self._COLUMNS} FROM contacts WHERE identity_key = ?", (hinted,)
+            )
+            if row is not None and str(row[3] or row[2]).casefold() == wanted:
+                return self._from_row(row)
+        # The index is stale (a contact was re-keyed, or changed by another
+        # process), or the name is not a label: read the table itself, its
+        # small columns only.
+        self._labels = None
+        rows = self.db.all("SELECT identity_key, identity_id, name, alias FROM contacts")
         for row in rows:
             if str(row[3] or row[2]).casefold() == wanted:
-                return self._from_row(row)
+                return self.get(bytes(row[0]))
         lowered = name.lower()
         if len(lowered) >= MIN_ID_PREFIX and all(c in "0123456789abcdef" for c in lowered):
             matches = [r for r in rows if str(r[1]).startswith(lowered)]
             if len(matches) == 1:
-                return self._from_row(matches[0])
+                return self.get(bytes(matches[0][0]))
             if len(matches) > 1:
                 raise UnknownContact(f"{name!r} starts several identity IDs; give more of it")
         matches = [r for r in rows if str(r[2]).casefold() == wanted]
         if len(matches) == 1:
-            return self._from_row(matches[0])
+            return self.get(bytes(matches[0][0]))
         if len(matches) > 1:
             labels = ", ".join(sorted(str(r[3] or r[2]) for r in matches))
             raise UnknownContact(f"{name!r} is the name of several contacts: use one of {labels}")
         raise UnknownContact(f"unknown contact {name!r} (see: pigeon contacts list)")
+
+    def _label_index(self) -> dict[str, bytes]:
+        if self._labels is None:
+            self._labels = {
+                str(label).casefold(): bytes(key)
+                for key, label in self.db.all(
+                    "SELECT identity_key, coalesce(alias, name) FROM contacts"
+                )
+            }
+        return self._labels
 
     def for_peer(self, peer_id: bytes) -> bytes | None:
         """The contact whose record lists this libp2p peer as a device."""
@@ -237,6 +262,7 @@ class ContactBook:
                 )
                 return contact, False
             self._check_label(alias or code.name, key)
+            self._labels = None
             self.db.execute(
                 "INSERT INTO contacts (identity_key, identity_id, name, alias, hint_addresses,"
                 " added_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -255,6 +281,7 @@ class ContactBook:
         alias = validate_name(alias)
         with self.db.transaction():
             self._check_label(alias, contact.identity_key)
+            self._labels = None
             self.db.execute(
                 "UPDATE contacts SET alias = ? WHERE identity_key = ?",
                 (None if alias == contact.name else alias, contact.identity_key),
@@ -264,6 +291,7 @@ class ContactBook:
     def remove(self, contact: Contact) -> dict[str, int]:
         """Forget a contact and everything about it: sessions, queued and past messages."""
         key = contact.identity_key
+        self._labels = None
         with self.db.transaction():
             counts = {
                 "messages": self.db.one("SELECT count(*) FROM messages WHERE contact = ?", (key,))[

@@ -498,9 +498,10 @@ class Conversations:
                 "SELECT * FROM (SELECT contact FROM outbox UNION SELECT p.contact"
                 " FROM pending_out p WHERE p.session IS NULL OR NOT EXISTS"
                 " (SELECT 1 FROM sessions s WHERE s.base_key = p.session AND s.active = 1))"
-                # nothing goes to a contact that moved until its user accepts the move
-                " WHERE contact NOT IN (SELECT identity_key FROM contacts"
-                " WHERE moved_to IS NOT NULL)"
+                # nothing goes to a contact that moved until its user accepts the
+                # move (looked up by key: no scan of the contacts)
+                " WHERE NOT EXISTS (SELECT 1 FROM contacts c WHERE c.identity_key = contact"
+                " AND c.moved_to IS NOT NULL)"
             )
         ]
 

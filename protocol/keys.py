@@ -4,6 +4,7 @@ conversion) for Diffie-Hellman, and the short identity ID.  No I/O here."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from nacl.bindings import (
     crypto_sign_ed25519_pk_to_curve25519,
@@ -26,8 +27,10 @@ def identity_id(public_key: bytes) -> bytes:
     return sha256(b"pigeon/identity/v1\x00" + public_key)[:IDENTITY_ID_SIZE]
 
 
+@lru_cache(maxsize=4096)  # peers' public keys only: the same few, for every seal and open
 def ed25519_to_x25519_public(public_key: bytes) -> bytes:
-    """Convert a peer's Ed25519 key; a key that is not a valid point is refused."""
+    """Convert a peer's Ed25519 key; a key that is not a valid point is refused
+    (a refusal is never cached)."""
     if len(public_key) != IDENTITY_KEY_SIZE:
         raise ProtocolError("identity key must be 32 bytes")
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pigeon.node.contacts import ContactExists, UnknownContact
+from pigeon.node.contacts import ContactBook, ContactExists, UnknownContact
 from pigeon.node.conversations import MAX_AUTO_RESENDS, MESSAGE_TTL, Conversations, NoSession
 from pigeon.node.prekeys import RETIRED_PREKEY_KEPT
 from pigeon.node.storage import Database
@@ -490,6 +490,27 @@ def test_labels_are_unique_and_re_adding_never_renames(tmp_path):
         alice.contacts.rename(second, "BOB")
     renamed = alice.contacts.rename(second, "robert")
     assert alice.contacts.find("robert").identity_key == renamed.identity_key
+
+
+def test_a_stale_label_index_never_finds_the_wrong_contact(tmp_path):
+    """Labels are looked up through an index kept in memory.  Another book on
+    the same database (another process, or a re-key that bypasses the index)
+    changes the contacts under it: every answer must still be the table's."""
+    clock = Clock()
+    alice, bob, carol = (make(tmp_path, n, clock) for n in ("alice", "bob", "carol"))
+    other = ContactBook(alice.db)  # changes the contacts behind alice.contacts' back
+    bob_code = ContactCode(bob.identity.public_key, "bob")
+    other.add(bob_code, "bobby", clock())
+    assert alice.contacts.find("bobby").identity_key == bob.identity.public_key  # index built
+    other.rename(other.get(bob.identity.public_key), "robert")
+    with pytest.raises(UnknownContact):
+        alice.contacts.find("bobby")
+    assert alice.contacts.find("robert").identity_key == bob.identity.public_key
+    other.remove(other.get(bob.identity.public_key))
+    other.add(ContactCode(carol.identity.public_key, "carol"), "robert", clock())
+    assert alice.contacts.find("robert").identity_key == carol.identity.public_key
+    # the index is rebuilt from a read of the table, and then serves again
+    assert alice.contacts.find("ROBERT").identity_key == carol.identity.public_key
 
 
 def test_an_address_in_a_code_must_be_dialable(pair):
