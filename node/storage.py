@@ -600,7 +600,8 @@ class Database:
                 await finished.wait()
         finally:
             done.wait()
-            self._committed = None
+            if self._committed is done:  # not another task's, begun since
+                self._committed = None
         if failure:
             raise failure[0]
 
