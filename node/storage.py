@@ -600,8 +600,7 @@ class Database:
                 await finished.wait()
         finally:
             done.wait()
-            if self._committed is done:  # not another task's, begun since
-                self._committed = None
+            self._committed = None
         if failure:
             raise failure[0]
 

@@ -294,35 +294,3 @@ def test_a_task_that_reads_while_a_commit_is_handed_over_does_not_deadlock(home:
     assert not runner.is_alive(), "deadlocked"
     assert stored_elsewhere(home, "k") == b"19"
     db.close()
-
-
-def test_two_tasks_committing_one_after_the_other_both_hold_back_the_rest(home: Path):
-    """A's commit ends while B's is under way: B's must still hold back a
-    third task's transaction until it is durable."""
-    db = Database.open(home, "right")
-    slow(db, delay=0.2)
-    order: list[str] = []
-
-    async def commit(name: str, delay: float) -> None:
-        await trio.sleep(delay)
-        async with db.transaction_off_loop():
-            db.set_meta(name, b"1")
-        order.append(name)
-
-    async def third() -> None:
-        await trio.sleep(0.3)  # A is done by now, B's commit under way
-        with db.transaction():
-            db.set_meta("c", b"1")
-        order.append("c")
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(commit, "a", 0.0)
-            nursery.start_soon(commit, "b", 0.1)
-            nursery.start_soon(third)
-
-    trio.run(main)
-    assert sorted(order) == ["a", "b", "c"]
-    for key in ("a", "b", "c"):
-        assert stored_elsewhere(home, key) == b"1"
-    db.close()
