@@ -389,10 +389,6 @@ class Conversations:
             )
         ]
 
-    def has_unencrypted(self, key: bytes) -> bool:
-        """Messages wait to be encrypted for this contact."""
-        return bool(self._unencrypted(key))
-
     def needs_session(self, key: bytes) -> bool:
         """Messages wait to be encrypted and there is no session to do it in."""
         return bool(self._unencrypted(key)) and self._active_session(key) is None

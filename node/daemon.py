@@ -429,10 +429,7 @@ def make_handler(node: Node, stop: trio.Event) -> control.Handler:
             return {"ok": True, "identity_id": identity_id(blocked).hex()}
         if cmd == "send":
             name, text = _text(request, "contact"), _text(request, "text")
-            contact = contacts.find(name)
-            # queued and committed (off the event loop) before the reply says so
-            async with node.db.transaction_off_loop():
-                app = node.send_text(contact, text)
+            app = node.send_text(contacts.find(name), text)
             return {"ok": True, "id": app.message_id.hex()}
         if cmd == "inbox":
             which, after = _optional_text(request, "contact"), _number(request, "after")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
 
 import multiaddr
 import trio
@@ -54,24 +53,16 @@ Accept = Callable[[list[bytes], object], list[AckStatus]]
 
 
 class EnvelopeService:
-    def __init__(
-        self,
-        accept: Accept,
-        on_frame: Callable[[ID], None],
-        transaction: Callable[[], AbstractAsyncContextManager[None]],
-    ) -> None:
+    def __init__(self, accept: Accept, on_frame: Callable[[ID], None]) -> None:
         self.accept = accept
         self.on_frame = on_frame
-        self.transaction = transaction  # the database's, committing off the event loop
 
     async def handle(self, stream: INetStream) -> None:
         peer = stream.muxed_conn.peer_id
 
-        async def answer(data: bytes) -> bytes:
+        def answer(data: bytes) -> bytes:
             envelopes = Deliver.decode(data).envelopes
-            # one transaction for the frame; the ack goes once it is committed
-            async with self.transaction():
-                statuses = self.accept(list(envelopes), peer)
+            statuses = self.accept(list(envelopes), peer)
             self.on_frame(peer)
             entries = (AckEntry(digest(e), s) for e, s in zip(envelopes, statuses, strict=True))
             return Ack(tuple(entries)).encode()
@@ -175,9 +166,7 @@ class Courier:
         expired; never one that has expired).  Without one, the messages wait
         and say so."""
         if not self.conv.needs_session(key):
-            if self.conv.has_unencrypted(key):
-                async with self.conv.db.transaction_off_loop():
-                    self.conv.encrypt_queued(key)
+            self.conv.encrypt_queued(key)
             return
         contact = self.conv.contacts.get(key)
         record = contact.record
@@ -196,8 +185,7 @@ class Courier:
             short_id(key),
             "with" if one_time_prekey else "without",
         )
-        async with self.conv.db.transaction_off_loop():
-            self.conv.encrypt_queued(key, record, one_time_prekey)
+        self.conv.encrypt_queued(key, record, one_time_prekey)
 
     def _peers_for(self, contact: Contact) -> list[PeerInfo]:
         infos: list[PeerInfo] = []
@@ -264,8 +252,7 @@ class Courier:
                 ack.check_answers([envelope for _, envelope in batch])
                 refused = [e.digest for e in ack.entries if e.status == AckStatus.REFUSED]
                 stored = [e.digest for e in ack.entries if e.status != AckStatus.REFUSED]
-                async with self.conv.db.transaction_off_loop():
-                    self.conv.stored(stored)
+                self.conv.stored(stored)
                 self.stats["sent"] += len(stored)
                 if refused:
                     log.warning(

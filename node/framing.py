@@ -4,7 +4,7 @@ and the loop that serves a request-answer protocol on one stream."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import trio
 from libp2p.abc import INetStream
@@ -74,10 +74,7 @@ def frame(payload: bytes) -> bytes:
 
 
 async def serve_frames(
-    stream: INetStream,
-    max_size: int,
-    answer: Callable[[bytes], bytes | Awaitable[bytes]],
-    protocol: str,
+    stream: INetStream, max_size: int, answer: Callable[[bytes], bytes], protocol: str
 ) -> None:
     """Answer each frame the peer sends with one frame, until it closes the
     stream; a frame that is too large, malformed or late ends the stream with
@@ -89,10 +86,7 @@ async def serve_frames(
                 data = await read_frame(stream, max_size)
             except StreamClosed:
                 return
-            reply = answer(data)
-            if not isinstance(reply, bytes):
-                reply = await reply
-            await stream.write(frame(reply))
+            await stream.write(frame(answer(data)))
     except OverBudget as error:
         REFUSALS.refused(peer, "peer=%s %s frame refused: %s", peer, protocol, error)
     except ProtocolError as error:

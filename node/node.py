@@ -145,9 +145,7 @@ class Node:
         self.courier = Courier(
             conv, self.host, self.directory, clock, self.spawn, self.presence.greet, self.stats
         )
-        self.envelopes = EnvelopeService(
-            self.accept, self._frame_from, self.db.transaction_off_loop
-        )
+        self.envelopes = EnvelopeService(self.accept, self._frame_from)
         self.owner = MailboxOwner(
             db,
             self.host,
