@@ -9,6 +9,14 @@ with ``synchronous=FULL``: a committed transaction survives kill -9 and power
 loss.  The schema is versioned and migrated forward on open.  Every state
 change that must not be half-done (a ratchet step and the message it
 produced) happens inside one ``transaction()``.
+
+The event loop's busiest transactions (storing what arrived, a ratchet step,
+settling what a peer acknowledged, queueing a message) use
+``transaction_off_loop()``: the same all-or-nothing transaction, whose COMMIT
+(fsync, page encryption, and any WAL checkpoint) runs in a worker thread
+while the loop goes on with the network.  Until that commit is done, every
+other use of the connection waits for it, so nothing is read, written or
+acknowledged past a commit that has not happened.
 """
 
 from __future__ import annotations
@@ -17,9 +25,11 @@ import hashlib
 import hmac
 import json
 import os
+import queue
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -359,12 +369,16 @@ def _quick_check(connection: Any) -> str | None:
 
 
 class Database:
-    """One node's database.  Not thread-safe: the node uses it from one thread."""
+    """One node's database.  Not thread-safe: the node uses it from one thread
+    (and lends the connection to a worker thread for a commit, during which
+    the owning thread waits before touching it: ``_settle``)."""
 
     def __init__(self, connection: Any, path: Path) -> None:
         self._db = connection
         self.path = path
         self._depth = 0
+        self._committed: threading.Event | None = None  # a commit in the worker thread
+        self._commits: queue.SimpleQueue[Callable[[], None] | None] | None = None
 
     @classmethod
     def create(
@@ -504,6 +518,10 @@ class Database:
         return None if problem is None else _damaged(self.path, problem)
 
     def close(self) -> None:
+        self._settle()
+        if self._commits is not None:
+            self._commits.put(None)  # the commit thread ends
+            self._commits = None
         self._db.close()
 
     @property
@@ -533,6 +551,77 @@ class Database:
             finally:
                 self._depth -= 1
             return
+        with self._begun():
+            yield
+        self._db.execute("COMMIT")
+
+    @asynccontextmanager
+    async def transaction_off_loop(self) -> AsyncIterator[None]:
+        """``transaction()``, with the COMMIT in a worker thread: the event loop
+        runs other tasks meanwhile, and the caller goes on (acknowledges, say)
+        only once it is durable.  The body must not await: another task's
+        statements would join this transaction.  Inside another transaction,
+        it joins that one, as ``transaction()`` does."""
+        if self._depth:
+            with self.transaction():
+                yield
+            return
+        with self._begun():
+            yield
+        import trio  # here: the command line opens databases without trio
+
+        done = threading.Event()
+        failure: list[BaseException] = []
+        token = trio.lowlevel.current_trio_token()
+        finished = trio.Event()
+
+        def commit() -> None:
+            try:
+                self._db.execute("COMMIT")
+            except BaseException as error:
+                failure.append(error)
+                with suppress(Exception):
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+            finally:
+                done.set()
+                with suppress(trio.RunFinishedError):
+                    token.run_sync_soon(finished.set)
+
+        # The thread is handed the commit before this task yields: a task that
+        # runs meanwhile and waits for it (_settle) cannot wait for a commit
+        # that has not started.
+        self._committed = done
+        self._committer().put(commit)
+        try:
+            # shielded: the caller learns how its commit ended, even when
+            # cancelled (the cancellation arrives at its next checkpoint)
+            with trio.CancelScope(shield=True):
+                await finished.wait()
+        finally:
+            done.wait()
+            if self._committed is done:  # not another task's, begun since
+                self._committed = None
+        if failure:
+            raise failure[0]
+
+    def _committer(self) -> queue.SimpleQueue[Callable[[], None] | None]:
+        """The thread that makes commits off the event loop, started once."""
+        if self._commits is None:
+            jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+
+            def work() -> None:
+                while (job := jobs.get()) is not None:
+                    job()
+
+            threading.Thread(target=work, name="pigeon-commits", daemon=True).start()
+            self._commits = jobs
+        return self._commits
+
+    @contextmanager
+    def _begun(self) -> Iterator[None]:
+        """BEGIN, the body, and ROLLBACK if it raises; the caller commits."""
+        self._settle()
         self._db.execute("BEGIN IMMEDIATE")
         self._depth = 1
         try:
@@ -545,7 +634,13 @@ class Database:
                 self._db.execute("ROLLBACK")
             raise
         self._depth = 0
-        self._db.execute("COMMIT")
+
+    def _settle(self) -> None:
+        """Wait for a commit a worker thread is making (blocking, as a commit
+        on this thread would)."""
+        committed = self._committed
+        if committed is not None:
+            committed.wait()
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -562,12 +657,15 @@ class Database:
         self._db.execute("RELEASE step")
 
     def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Any:
+        self._settle()
         return self._db.execute(sql, params)
 
     def one(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Any:
+        self._settle()
         return self._db.execute(sql, params).fetchone()
 
     def all(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Any]:
+        self._settle()
         rows: list[Any] = self._db.execute(sql, params).fetchall()  # sqlcipher3 is untyped
         return rows
 
