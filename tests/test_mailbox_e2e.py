@@ -20,11 +20,18 @@ from nacl.signing import SigningKey
 from daemons import BOX, PASSPHRASE, Daemon, mailbox_network, status, wait_for
 from helpers import HeldDatabase, deposit_token, register_request
 from pigeon.node.control import Client
-from pigeon.node.framing import frame
+from pigeon.node.framing import frame, read_frame
 from pigeon.node.host import build_host, close_host
 from pigeon.node.mailbox import MAILBOX_PROTOCOL, call
 from pigeon.node.storage import Database
-from pigeon.protocol.mailbox import Op, Request, mailbox_id, proof_message
+from pigeon.protocol.mailbox import (
+    MAX_RESPONSE_SIZE,
+    Op,
+    Request,
+    Response,
+    mailbox_id,
+    proof_message,
+)
 from pigeon.protocol.wire import encode_varint
 
 pytestmark = pytest.mark.slow
@@ -257,6 +264,73 @@ def test_a_mailbox_killed_during_deposits_keeps_what_it_acknowledged(net):
 
     stored = trio.run(fetch_all)
     assert set(acknowledged) <= set(stored)
+
+
+def test_a_mailbox_killed_amid_grouped_deposits_keeps_every_one_it_acknowledged(
+    tmp_path: Path,
+):
+    """Five nodes pipeline deposits at once, so the mailbox stores them in
+    groups (one transaction each); it is killed with SIGKILL midway.  Every
+    deposit it acknowledged is there after the restart, nothing else is
+    there but what was sent, and the owner's counters match what it holds."""
+    box = Daemon(tmp_path, "box", extra=BOX).start()
+    key = SigningKey(os.urandom(32))
+    acknowledged: set[bytes] = set()
+    sent: set[bytes] = set()
+
+    async def deposit_until_killed() -> bytes:
+        hosts = [build_host(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"]) for _ in range(5)]
+        listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+        info = info_from_p2p_addr(multiaddr.Multiaddr(box.address))
+        async with contextlib.AsyncExitStack() as stack:
+            for host in hosts:
+                await stack.enter_async_context(host.run(listen_addrs=listen))
+                stack.push_async_callback(close_host, host)
+            (reply,) = await call(hosts[0], info, [register_request(key)])
+            mailbox = reply.item_id
+
+            async def node(host: Any) -> None:
+                token = deposit_token(key)
+                await host.connect(info)
+                for _ in range(20):  # until the mailbox is gone
+                    stream = await host.new_stream(info.peer_id, [MAILBOX_PROTOCOL])
+                    envelopes = [os.urandom(300) for _ in range(50)]
+                    sent.update(envelopes)
+                    requests = [
+                        Request(Op.DEPOSIT, mailbox, envelope=e, token=token) for e in envelopes
+                    ]
+                    await stream.write(b"".join(frame(r.encode()) for r in requests))
+                    for envelope in envelopes:
+                        reply = Response.decode(await read_frame(stream, MAX_RESPONSE_SIZE))
+                        assert reply.ok, reply.error
+                        acknowledged.add(envelope)
+                        if len(acknowledged) >= 600 and box.alive():
+                            box.kill9()
+                    await stream.close()
+
+            async def one(host: Any) -> None:
+                with contextlib.suppress(Exception):
+                    await node(host)
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for host in hosts:
+                        nursery.start_soon(one, host)
+            return mailbox
+
+    try:
+        mailbox = trio.run(deposit_until_killed)
+        assert not box.alive() and 600 <= len(acknowledged) < len(sent)
+        box.start()
+        serving = {entry["mailbox"]: entry["messages"] for entry in status(box)["mailbox_serving"]}
+    finally:
+        box.stop()
+    db = Database.open(box.home, PASSPHRASE)
+    stored = {bytes(r[0]) for r in db.all("SELECT envelope FROM mailbox_items")}
+    counted = db.one("SELECT items FROM mailbox_owners WHERE mailbox_id = ?", (mailbox,))[0]
+    db.close()
+    assert acknowledged <= stored <= sent
+    assert serving == {mailbox.hex(): len(stored)} and counted == len(stored)
 
 
 def test_garbage_on_the_mailbox_protocol(net):

@@ -1,5 +1,6 @@
 """The mailbox's store and protocol handler over a real database, without a
-network: quotas, rate limit, expiry, owner-only pickup, replayed proofs."""
+network: quotas, rate limit, expiry, owner-only pickup, replayed proofs;
+deposits stored in groups."""
 
 from __future__ import annotations
 
@@ -10,13 +11,22 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlcipher3
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
 from helpers import HeldDatabase, deposit_token, register_request, work_start
-from pigeon.node.mailbox_service import MailboxService
-from pigeon.node.mailbox_store import MailboxLimits, MailboxStore
+from pigeon.node.framing import frame
+from pigeon.node.mailbox_service import GroupCommit, MailboxService
+from pigeon.node.mailbox_store import (
+    STRANGERS,
+    Deposit,
+    MailboxLimits,
+    MailboxRefused,
+    MailboxStore,
+)
 from pigeon.node.storage import Database
 from pigeon.protocol import ProtocolError
 from pigeon.protocol.envelope import MAX_ENVELOPE
@@ -26,6 +36,7 @@ from pigeon.protocol.mailbox import (
     MAX_RESPONSE_SIZE,
     REGISTER_WORK_BITS,
     TAKE_PREKEY_WORK_BITS,
+    Item,
     Op,
     Request,
     Response,
@@ -35,6 +46,7 @@ from pigeon.protocol.mailbox import (
     proof_message,
     work_done,
 )
+from pigeon.protocol.wire import decode_varint
 
 # Proofs of work 12 bits cheaper than on the network: cheap, but not free, so
 # a request without one is still refused.
@@ -537,3 +549,385 @@ def test_counters_always_match_what_is_stored(tmp_path_factory, actions):
     }
     assert usage == counted
     db.close()
+
+
+# -- deposits stored together, and what an operation costs as the mailbox fills -------
+
+
+def fresh_store(tmp_path: Path, limits: MailboxLimits = LIMITS) -> MailboxStore:
+    return MailboxStore(Database.create(tmp_path / "box", "pw", fast_kdf=True), limits)
+
+
+def stored_envelopes(store: MailboxStore) -> list[bytes]:
+    return [bytes(r[0]) for r in store.db.all("SELECT envelope FROM mailbox_items ORDER BY rowid")]
+
+
+def counters(store: MailboxStore) -> tuple[object, ...]:
+    db = store.db
+    return (
+        [tuple(r) for r in db.all("SELECT mailbox_id, items, bytes FROM mailbox_owners")],
+        sorted(tuple(r) for r in db.all("SELECT * FROM mailbox_usage")),
+    )
+
+
+def test_a_refused_deposit_in_a_group_changes_nothing_for_the_others(tmp_path: Path):
+    limits = MailboxLimits(quota_messages=5, token_messages=3)
+    store = fresh_store(tmp_path, limits)
+    now = int(time.time())
+    box = store.register(os.urandom(32), now)
+    a, b = b"a" * 16, b"b" * 16
+    group = [
+        Deposit(box, b"one", 0, now, a),
+        Deposit(b"\1" * 16, b"nowhere", 0, now, a),
+        Deposit(box, b"two", 0, now, a),
+        Deposit(box, b"one", 0, now, b),  # the same envelope: the same item, counted once
+        Deposit(box, b"three", 0, now, a),
+        Deposit(box, b"four", 0, now, a),  # token a's share (3) is spent
+        Deposit(box, b"five", 0, now, b),
+        Deposit(box, b"six", 0, now, b),
+        Deposit(box, b"seven", 0, now, b),  # the owner's quota (5) is reached
+    ]
+    results = store.deposit_many(group)
+    errors = {i: str(r) for i, r in enumerate(results) if isinstance(r, MailboxRefused)}
+    assert errors == {
+        1: "no such mailbox here",
+        5: "the recipient's mailbox is full for this deposit token; try again later",
+        8: "the recipient's mailbox is full; try again later",
+    }
+    assert results[3] == results[0]
+    assert stored_envelopes(store) == [b"one", b"two", b"three", b"five", b"six"]
+    assert counters(store) == ([(box, 5, 18)], [(box, a, 3, 11), (box, b, 2, 7)])
+
+
+def test_a_group_counts_the_mailboxs_totals_as_it_goes(tmp_path: Path):
+    store = fresh_store(tmp_path, MailboxLimits(max_bytes=1000))
+    now = int(time.time())
+    a, b = store.register(os.urandom(32), now), store.register(os.urandom(32), now)
+    token = b"t" * 16
+    results = store.deposit_many(
+        [
+            Deposit(a, b"1" * 300, 0, now, STRANGERS),
+            Deposit(b, b"2" * 300, 0, now, STRANGERS),  # strangers may fill half: 500
+            Deposit(b, b"3" * 300, 0, now, token),
+            Deposit(a, b"4" * 450, 0, now, token),  # the mailbox holds 1,000 at most
+            Deposit(a, b"5" * 100, 0, now, token),
+        ]
+    )
+    assert [str(r) for r in results if isinstance(r, MailboxRefused)] == [
+        "this mailbox is full for deposits without a token; try again later",
+        "this mailbox is full; try again later",
+    ]
+    assert stored_envelopes(store) == [b"1" * 300, b"3" * 300, b"5" * 100]
+
+
+deposits = st.lists(
+    st.tuples(
+        st.sampled_from(["owner", "other", "nobody"]),
+        st.sampled_from([b"", b"alice" * 3 + b"!", b"carol" * 3 + b"!"]),
+        st.integers(1, 6),  # envelope: few of them, so copies come up
+        st.sampled_from([10, 900, 2500]),  # sizes that reach the byte limits
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(deposits, st.integers(1, 8))
+def test_a_group_stores_what_the_same_deposits_one_by_one_would(tmp_path_factory, wanted, size):
+    """Whatever the mix (owners, sources, copies, refusals on every limit),
+    storing deposits in groups gives the same answers, items and counters
+    as storing them one at a time."""
+    limits = MailboxLimits(
+        quota_messages=8,
+        quota_bytes=9000,
+        token_messages=3,
+        token_bytes=6000,
+        stranger_messages=2,
+        stranger_bytes=4000,
+        max_bytes=14000,
+    )
+    keys = {"owner": os.urandom(32), "other": os.urandom(32), "nobody": os.urandom(32)}
+    stores = [fresh_store(tmp_path_factory.mktemp("one"), limits) for _ in range(2)]
+    now = int(time.time())
+    for store in stores:
+        store.register(keys["owner"], now)
+        store.register(keys["other"], now)
+    todo = [
+        Deposit(mailbox_id(keys[who]), bytes([n]) * length, 0, now, source)
+        for who, source, n, length in wanted
+    ]
+    alone, grouped = stores
+    one_by_one = []
+    for deposit in todo:
+        try:
+            one_by_one.append(alone.deposit(**deposit.__dict__))
+        except MailboxRefused as refusal:
+            one_by_one.append(refusal)
+    together = []
+    for first in range(0, len(todo), size):
+        together += grouped.deposit_many(todo[first : first + size])
+
+    def shown(results: list[bytes | MailboxRefused]) -> list[str]:
+        # item IDs differ between the two stores; which ones are the same does not
+        return [
+            str(r) if isinstance(r, MailboxRefused) else f"item {results.index(r)}" for r in results
+        ]
+
+    assert shown(together) == shown(one_by_one)
+    assert stored_envelopes(grouped) == stored_envelopes(alone)
+    assert counters(grouped) == counters(alone)
+    for store in stores:
+        store.db.close()
+
+
+class FailingDatabase(Database):
+    """Raises on the ``fail_at``-th insert of an item from now on, as a full disk would."""
+
+    fail_at: int | None = None
+
+    def execute(self, sql, params=()):
+        if self.fail_at is not None and sql.startswith("INSERT INTO mailbox_items"):
+            self.fail_at -= 1
+            if self.fail_at == 0:
+                raise sqlcipher3.OperationalError("database or disk is full")
+        return super().execute(sql, params)
+
+
+def test_a_group_that_fails_stores_none_of_it_and_keeps_what_came_before(tmp_path: Path):
+    db = FailingDatabase.create(tmp_path / "box", "pw", fast_kdf=True)
+    store = MailboxStore(db, MailboxLimits())
+    now = int(time.time())
+    box = store.register(os.urandom(32), now)
+    acknowledged = store.deposit_many([Deposit(box, b"kept %d" % i, 0, now, b"") for i in range(3)])
+    db.fail_at = 3
+    with pytest.raises(sqlcipher3.OperationalError):
+        store.deposit_many([Deposit(box, b"lost %d" % i, 0, now, b"") for i in range(5)])
+    db.close()
+    store = MailboxStore(Database.open(tmp_path / "box", "pw"), MailboxLimits())  # restarted
+    assert stored_envelopes(store) == [b"kept 0", b"kept 1", b"kept 2"]
+    assert [bytes(r[0]) for r in store.db.all("SELECT id FROM mailbox_items ORDER BY rowid")] == (
+        acknowledged
+    )
+    assert counters(store) == ([(box, 3, 18)], [(box, b"", 3, 18)])
+
+
+class FakeStream:
+    """An inbound stream that has ``data`` to read, then ends; what is
+    written to it is handed to ``on_write``, frame by frame."""
+
+    def __init__(self, data: bytes, peer: str, on_write=None, hang: bool = False) -> None:
+        self.incoming = bytearray(data)
+        self.hang = hang  # after the data, wait for more instead of ending
+        self.frames: list[Response] = []
+        self.on_write = on_write
+        self.closed = False
+        self.muxed_conn = type("Conn", (), {"peer_id": peer})()
+
+    async def read(self, n: int) -> bytes:
+        await trio.lowlevel.checkpoint()
+        if not self.incoming and self.hang:
+            await trio.sleep_forever()
+        chunk = bytes(self.incoming[:n])
+        del self.incoming[:n]
+        return chunk
+
+    async def write(self, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        data = bytes(data)
+        while data:
+            length, at = decode_varint(data, 0)
+            response = Response.decode(data[at : at + length])
+            data = data[at + length :]
+            if self.on_write is not None:
+                self.on_write(response)
+            self.frames.append(response)
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def reset(self) -> None:
+        self.closed = True
+
+
+def pipelined(requests: list[Request]) -> bytes:
+    return b"".join(frame(request.encode()) for request in requests)
+
+
+def token_service(tmp_path: Path) -> tuple[MailboxService, SigningKey, bytes]:
+    limits = MailboxLimits(deposits_per_minute=60)  # the default
+    db = Database.create(tmp_path / "box", "pw", fast_kdf=True)
+    service = MailboxService(MailboxStore(db, limits), limits)
+    key = SigningKey(os.urandom(32))
+    box = service.store.register(bytes(key.verify_key), int(time.time()))
+    return service, key, box
+
+
+def test_a_deposit_is_acknowledged_only_once_committed_and_pipelined_ones_go_together(
+    tmp_path: Path,
+):
+    """Five nodes pipeline 40 deposits each on a stream of their own.  Every
+    acknowledgement written is checked on a second connection to the
+    database, which sees only committed transactions; and the 200 deposits
+    are stored in a few transactions, not one each."""
+    service, key, box = token_service(tmp_path)
+    committed = Database.open(tmp_path / "box", "pw")
+    acknowledged: list[bytes] = []
+
+    def on_write(response: Response) -> None:
+        assert response.ok, response.error
+        row = committed.one("SELECT 1 FROM mailbox_items WHERE id = ?", (response.item_id,))
+        assert row is not None, "acknowledged before it was committed"
+        acknowledged.append(response.item_id)
+
+    streams = []
+    for node in range(5):
+        token = token_for(key)
+        requests = [
+            Request(Op.DEPOSIT, box, envelope=os.urandom(200), token=token) for _ in range(40)
+        ]
+        streams.append(FakeStream(pipelined(requests), f"node {node}", on_write))
+
+    async def serve() -> None:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for stream in streams:
+                    nursery.start_soon(service.handle, stream)
+
+    trio.run(serve)
+    assert len(set(acknowledged)) == 200 and all(s.closed for s in streams)
+    assert service.stats["deposits"] == 200
+    assert service.group.groups <= 20, f"{service.group.groups} transactions for 200 deposits"
+    committed.close()
+
+
+def test_requests_on_a_stream_are_answered_in_order_with_refusals_in_place(tmp_path: Path):
+    service, key, box = token_service(tmp_path)
+    token = token_for(key)
+    requests = [
+        Request(Op.DEPOSIT, box, envelope=b"first", token=token),
+        Request(Op.DEPOSIT, box, envelope=b"unpaid"),
+        Request(Op.CHALLENGE, box),
+        Request(Op.DEPOSIT, box, envelope=b"first", token=token),  # a copy: the same item
+        Request(Op.DEPOSIT, b"\1" * 16, envelope=b"lost", token=token),
+        *[Request(Op.DEPOSIT, box, envelope=b"m%d" % i, token=token) for i in range(60)],
+    ]
+    stream = FakeStream(pipelined(requests), "node")
+    trio.run(service.handle, stream)
+    replies = stream.frames
+    assert len(replies) == len(requests)
+    assert replies[0].ok and replies[3].ok and replies[3].item_id == replies[0].item_id
+    assert replies[1].error.startswith("a deposit without a token needs proof of work")
+    assert replies[2].ok and replies[2].nonce
+    assert replies[4].error == "no such mailbox here"
+    # the default limit: 60 a minute per depositing peer and per token, the
+    # first deposit and its copy among them
+    assert all(r.ok for r in replies[5:63])
+    assert all(r.error.startswith("rate limit") for r in replies[63:])
+    assert stored_envelopes(service.store) == [b"first"] + [b"m%d" % i for i in range(58)]
+
+
+def test_a_group_that_fails_acknowledges_none_of_it(tmp_path: Path):
+    service, key, box = token_service(tmp_path)
+    commit = service.store.deposit_group
+    failures = [sqlcipher3.OperationalError("disk I/O error")]
+
+    async def failing_once(group: list[Deposit]) -> list[bytes | MailboxRefused]:
+        if failures:
+            raise failures.pop()
+        return await commit(group)
+
+    service.group = GroupCommit(failing_once)
+    token = token_for(key)
+    first = FakeStream(
+        pipelined([Request(Op.DEPOSIT, box, envelope=b"a%d" % i, token=token) for i in range(5)]),
+        "first",
+    )
+    trio.run(service.handle, first)
+    assert first.frames == [] and first.closed  # the stream ends without an answer
+    assert stored_envelopes(service.store) == []
+    then = FakeStream(pipelined([Request(Op.DEPOSIT, box, envelope=b"b", token=token)]), "then")
+    trio.run(service.handle, then)
+    assert [r.ok for r in then.frames] == [True]
+    assert stored_envelopes(service.store) == [b"b"]
+
+
+def test_a_group_is_committed_even_when_the_stream_that_started_it_goes(tmp_path: Path):
+    """The first deposit of a group leads it; its stream being cancelled
+    (the peer went) must not leave the others waiting, nor lose them."""
+    service, key, box = token_service(tmp_path)
+    leaving = FakeStream(
+        pipelined([Request(Op.DEPOSIT, box, envelope=b"from the leaver", token=token_for(key))]),
+        "leaver",
+        hang=True,
+    )
+    staying = FakeStream(
+        pipelined([Request(Op.DEPOSIT, box, envelope=b"stays", token=token_for(key))]), "stayer"
+    )
+
+    async def main() -> None:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                scope = trio.CancelScope()
+
+                async def leave() -> None:
+                    with scope:
+                        await service.handle(leaving)
+
+                nursery.start_soon(leave)
+                while not service.group._leading:
+                    await trio.lowlevel.checkpoint()
+                scope.cancel()  # while its deposit leads a group still gathering
+                nursery.start_soon(service.handle, staying)
+
+    trio.run(main)
+    assert [r.ok for r in staying.frames] == [True]
+    assert sorted(stored_envelopes(service.store)) == [b"from the leaver", b"stays"]
+
+
+def test_every_operation_costs_the_same_however_much_the_mailbox_holds(tmp_path: Path):
+    """SQLite's instructions for each operation (its progress handler counts
+    them), with 10 items in the mailbox and with 3,000: no operation may
+    read what the mailbox holds (a quota summed over the box, a lookup the
+    planner answers by scanning an owner's items, an expiry sweep through
+    the whole table)."""
+
+    def costs(home: Path, held: int) -> dict[str, int]:
+        store = fresh_store(home, MailboxLimits())
+        db = store.db
+        now = int(time.time())
+        box = store.register(os.urandom(32), now)
+        other = store.register(os.urandom(32), now)
+        for owner in (box, other):
+            store.deposit_many(
+                [Deposit(owner, os.urandom(100), 0, now, bytes([i // 1000]) * 16) for i in held]
+            )
+        counted = [0]
+
+        def step() -> int:
+            counted[0] += 1
+            return 0
+
+        def cost(operation) -> int:
+            counted[0] = 0
+            db._db.set_progress_handler(step, 10)
+            try:
+                operation()
+            finally:
+                db._db.set_progress_handler(None, 10)
+            return counted[0]
+
+        new = [Deposit(box, os.urandom(100), 5, now, b"t" * 16) for _ in range(10)]
+        page: list[Item] = []
+        result = {
+            "deposit": cost(lambda: store.deposit_many(new)),
+            "copy": cost(lambda: store.deposit_many(new[:1])),
+            "fetch": cost(lambda: page.extend(store.fetch(box, 10)[0])),
+            "delete": cost(lambda: store.delete(box, tuple(i.item_id for i in page))),
+            "expire nothing": cost(lambda: store.expire(now + 1)),
+            "expire": cost(lambda: store.expire(now + 6)),
+        }
+        db.close()
+        return result
+
+    few, many = costs(tmp_path / "few", range(10)), costs(tmp_path / "many", range(3000))
+    assert all(many[op] <= few[op] * 1.5 + 10 for op in few), (few, many)
