@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import multiaddr
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.peer.id import ID
@@ -73,6 +73,41 @@ async def call(host: IHost, peer: PeerInfo, requests: list[Request]) -> list[Res
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await stream.close()
+
+
+class MailboxStream:
+    """Requests to one mailbox on one stream kept open from call to call
+    (an owner's collection: several calls, each waiting on the one before);
+    the stream is opened at the first call, and again after one that failed."""
+
+    def __init__(self, host: IHost, peer: PeerInfo) -> None:
+        self.host = host
+        self.peer = peer
+        self._stream: INetStream | None = None
+
+    async def call(self, requests: list[Request]) -> list[Response]:
+        """As ``call``: requests pipelined, responses in order."""
+        try:
+            if self._stream is None:
+                with trio.fail_after(20):
+                    if self.peer.addrs:
+                        await self.host.connect(self.peer)
+                    self._stream = await self.host.new_stream(self.peer.peer_id, [MAILBOX_PROTOCOL])
+            stream = self._stream
+            with trio.fail_after(20 + len(requests) / 10):
+                await stream.write(b"".join(frame(request.encode()) for request in requests))
+                return [
+                    Response.decode(await read_frame(stream, MAX_RESPONSE_SIZE)) for _ in requests
+                ]
+        except BaseException:
+            await self.close()  # a response may be missing: never read it as the next one's
+            raise
+
+    async def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await stream.close()
 
 
 def mailbox_peer(peer_id: bytes, addresses: list[str] | tuple[str, ...]) -> PeerInfo:

@@ -36,7 +36,7 @@ from pigeon.protocol.mailbox import (
 )
 
 from .framing import read_frame
-from .mailbox import PROVIDER_KEY, call, mailbox_peer
+from .mailbox import PROVIDER_KEY, MailboxStream, call, mailbox_peer
 from .prekeys import Prekeys
 from .storage import Database
 from .work import prove
@@ -298,29 +298,92 @@ class MailboxOwner:
 
     async def _collect_from(self, info: PeerInfo) -> tuple[int, bool]:
         """(envelopes stored, whether the mailbox has nothing more for us)."""
+        mailbox = MailboxStream(self.host, info)
+        try:
+            return await self._collect_on(mailbox, info)
+        finally:
+            await mailbox.close()
+
+    async def _collect_on(self, mailbox: MailboxStream, info: PeerInfo) -> tuple[int, bool]:
         collected = 0
         seen: set[bytes] = set()
+        nonces: list[bytes] = []  # the mailbox's challenges, asked for ahead
+        stored: tuple[bytes, ...] = ()  # committed here, not yet deleted there
         for _ in range(MAX_COLLECT_PAGES):
-            fetched = await self._proven(info, Op.FETCH)
-            if not fetched.ok:
-                raise MailboxFailure(f"mailbox refused our pickup: {fetched.error}")
+            # each page is committed before it is deleted at the mailbox: a
+            # crash in between gives duplicates, which are dropped, never loss
+            fetched = await self._delete_and_fetch(mailbox, stored, nonces)
             ids = tuple(item.item_id for item in fetched.items)
             if len(set(ids)) != len(ids) or seen.intersection(ids):
                 raise MailboxFailure("mailbox served an item again after we deleted it")
             seen.update(ids)
+            stored = ()
             if ids:
-                # each page is committed before it is deleted at the mailbox: a
-                # crash in between gives duplicates, which are dropped, never loss
                 statuses = self.accept([item.envelope for item in fetched.items], info.peer_id)
                 collected += statuses.count(AckStatus.STORED)
-                deleted = await self._proven(info, Op.DELETE, ids)
-                if not deleted.ok:
-                    raise MailboxFailure(f"mailbox refused to delete: {deleted.error}")
+                stored = ids
             if not fetched.more:
+                await self._delete_and_fetch(mailbox, stored, nonces, fetch=False)
                 await self._refill_prekeys(info, fetched.prekeys_left)
                 return collected, True
+        await self._delete_and_fetch(mailbox, stored, nonces, fetch=False)
         self.collect_now.set()  # more is waiting: go on at once, after the other mailboxes
         return collected, False
+
+    async def _delete_and_fetch(
+        self,
+        mailbox: MailboxStream,
+        stored: tuple[bytes, ...],
+        nonces: list[bytes],
+        *,
+        fetch: bool = True,
+        again: bool = True,
+    ) -> Response:
+        """Delete ``stored`` at the mailbox (when any), then fetch the next
+        page: one stream, the requests in that order (a mailbox answers a
+        stream's requests in order), each signed over a challenge asked for
+        on the stream before, which also asks for the next two.  A proof
+        refused because we held its challenge too long (the node slept, say)
+        is made again over fresh ones, once.  The FETCH reply (an empty one
+        without ``fetch``)."""
+        if not stored and not fetch:
+            return Response(ok=True)
+        box = self.mailbox_id
+        if len(nonces) < 2:
+            replies = await mailbox.call([Request(Op.CHALLENGE, box)] * 2)
+            nonces[:] = [r.nonce for r in replies if r.ok and r.nonce]
+            if len(nonces) < 2:
+                raise MailboxFailure(f"mailbox gave no challenge: {replies[0].error}")
+        requests = []
+        if stored:
+            requests.append(self._signed(Op.DELETE, nonces.pop(), stored))
+        if fetch:
+            requests += [self._signed(Op.FETCH, nonces.pop())]
+            requests += [Request(Op.CHALLENGE, box)] * 2
+        replies = await mailbox.call(requests)
+        nonces[:] = [r.nonce for r in replies[len(requests) - 2 :] if fetch and r.ok and r.nonce]
+        if stored:
+            deleted, replies = replies[0], replies[1:]
+            if not deleted.ok:
+                if deleted.error == "proof refused" and again:
+                    # what was fetched after it is what we did not delete: ask again
+                    return await self._delete_and_fetch(
+                        mailbox, stored, [], fetch=fetch, again=False
+                    )
+                raise MailboxFailure(f"mailbox refused to delete: {deleted.error}")
+        if not fetch:
+            return Response(ok=True)
+        fetched = replies[0]
+        if not fetched.ok:
+            if fetched.error == "proof refused" and again:
+                return await self._delete_and_fetch(mailbox, (), [], again=False)
+            raise MailboxFailure(f"mailbox refused our pickup: {fetched.error}")
+        return fetched
+
+    def _signed(self, op: Op, nonce: bytes, items: tuple[bytes, ...] = ()) -> Request:
+        box = self.mailbox_id
+        signature = self.mailbox_key.sign(proof_message(op, box, nonce, items)).signature
+        return Request(op, box, nonce=nonce, signature=signature, item_ids=items)
 
     async def _refill_prekeys(self, info: PeerInfo, left: int) -> None:
         mailbox = info.peer_id.to_bytes()

@@ -1,6 +1,6 @@
 """The mailbox's store and protocol handler over a real database, without a
 network: quotas, rate limit, expiry, owner-only pickup, replayed proofs;
-deposits stored in groups."""
+deposits stored in groups; an owner's collection against it."""
 
 from __future__ import annotations
 
@@ -15,10 +15,13 @@ import sqlcipher3
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 from nacl.signing import SigningKey
 
 from helpers import HeldDatabase, deposit_token, register_request, work_start
 from pigeon.node.framing import frame
+from pigeon.node.mailbox_owner import MailboxOwner
 from pigeon.node.mailbox_service import GroupCommit, MailboxService
 from pigeon.node.mailbox_store import (
     STRANGERS,
@@ -30,6 +33,7 @@ from pigeon.node.mailbox_store import (
 from pigeon.node.storage import Database
 from pigeon.protocol import ProtocolError
 from pigeon.protocol.envelope import MAX_ENVELOPE
+from pigeon.protocol.frames import AckStatus
 from pigeon.protocol.mailbox import (
     MAX_ITEMS,
     MAX_PAGE_BYTES,
@@ -931,3 +935,81 @@ def test_every_operation_costs_the_same_however_much_the_mailbox_holds(tmp_path:
 
     few, many = costs(tmp_path / "few", range(10)), costs(tmp_path / "many", range(3000))
     assert all(many[op] <= few[op] * 1.5 + 10 for op in few), (few, many)
+
+
+# -- an owner's collection, against a mailbox in this process --------------------------
+
+
+class InProcessMailbox:
+    """What an owner's MailboxStream does, answered by a MailboxService here."""
+
+    def __init__(self, service: MailboxService) -> None:
+        self.service = service
+        self.calls: list[list[Op]] = []
+
+    async def call(self, requests: list[Request]) -> list[Response]:
+        self.calls.append([request.op for request in requests])
+        await trio.lowlevel.checkpoint()
+        return [ask(self.service, request, peer="owner") for request in requests]
+
+
+def collecting(tmp_path: Path, clock: list[float]) -> tuple[MailboxService, object, list[bytes]]:
+    """A mailbox holding 600 envelopes for an owner whose node stores what
+    it collects in ``accepted`` (and lets ``clock[1]`` seconds pass on the
+    mailbox's clock while it does)."""
+    limits = MailboxLimits(deposits_per_minute=10**6)
+    db = Database.create(tmp_path / "box", "pw", fast_kdf=True)
+    service = MailboxService(MailboxStore(db, limits), limits, clock=lambda: clock[0])
+    accepted: list[bytes] = []
+
+    def accept(envelopes: list[bytes], peer: object) -> list[AckStatus]:
+        accepted.extend(envelopes)
+        clock[0] += clock[1]
+        return [AckStatus.STORED] * len(envelopes)
+
+    owner = MailboxOwner(
+        Database.create(tmp_path / "owner", "pw", fast_kdf=True),
+        None,  # host, DHT and prekeys: no network here
+        None,
+        None,
+        accept,
+        lambda: None,
+        count=1,
+        interval=30,
+        random=os.urandom,
+        clock=lambda: clock[0],
+    )
+    box = service.store.register(bytes(owner.mailbox_key.verify_key), int(clock[0]))
+    assert box == owner.mailbox_id
+    now = int(clock[0])
+    service.store.deposit_many([Deposit(box, b"e%04d" % i, 0, now, b"t" * 16) for i in range(600)])
+    return service, owner, accepted
+
+
+def test_an_owner_collects_a_page_per_call_deleting_each_before_the_next(tmp_path: Path):
+    clock = [time.time(), 0.0]
+    service, owner, accepted = collecting(tmp_path, clock)
+    mailbox = InProcessMailbox(service)
+    info = PeerInfo(ID(os.urandom(34)), [])
+    collected, drained = trio.run(owner._collect_on, mailbox, info)
+    assert (collected, drained) == (600, True)
+    assert accepted == [b"e%04d" % i for i in range(600)]  # once each, in order
+    assert service.store.fetch(owner.mailbox_id, 10) == ([], False)
+    C, F, D = Op.CHALLENGE, Op.FETCH, Op.DELETE
+    # pages of 256, 256 and 88: each deleted on the call that fetches the next
+    assert mailbox.calls == [[C, C], [F, C, C], [D, F, C, C], [D, F, C, C], [D]]
+
+
+def test_a_challenge_held_too_long_is_asked_for_again(tmp_path: Path):
+    """The challenges for the next call are asked for on the call before;
+    if storing a page took longer than they live (the node slept), the
+    mailbox refuses the proofs, and the owner proves again over fresh ones
+    instead of counting it as a mailbox's failure."""
+    clock = [time.time(), 0.0]
+    service, owner, accepted = collecting(tmp_path, clock)
+    clock[1] = LIMITS.challenge_ttl + 30  # storing a page takes that long
+    info = PeerInfo(ID(os.urandom(34)), [])
+    collected, drained = trio.run(owner._collect_on, InProcessMailbox(service), info)
+    assert (collected, drained) == (600, True)
+    assert accepted == [b"e%04d" % i for i in range(600)]
+    assert service.store.fetch(owner.mailbox_id, 10) == ([], False)
