@@ -22,7 +22,8 @@ record in the DHT, one lookup at a time.
   command).
 
 Per run: ``idle_cpu_pct_per_node`` (percent of one core), the bytes each node
-wrote to TCP per second while idle, ``rss_mb_per_node`` (in one process: its
+wrote to TCP per second while idle (and, in one process, the connections
+each opened a minute and held), ``rss_mb_per_node`` (in one process: its
 growth since before the first node, over the nodes), how many lookups found
 a valid record (``found``, and ``early_found`` for the two records published
 while the network had two nodes) and lookup p50/p99 in milliseconds.  The
@@ -55,15 +56,26 @@ from pigeon.node.node import Node, NodeConfig
 from pigeon.node.storage import Database
 from pigeon.protocol import ContactCode, DirectoryRecord, ProtocolError, dht_key
 from pigeon.protocol.keys import identity_id
+from pigeon.sim import processes
 from pigeon.sim.fleet import PASSPHRASE, LocalFleet, loopback_address
 from pigeon.sim.processes import ProcessFleet
 from pigeon.sim.report import percentile
 
 STARTS_AT_ONCE = 8
+# Daemons started together, and how long each may take to answer: a daemon's
+# start (imports, database, host) is a few seconds of CPU, and with a hundred
+# already running on two cores, eight at once overran the fleet's minute.
+PROCESS_STARTS_AT_ONCE = 4
+PROCESS_READY_TIMEOUT = 300.0
 FIRST = 2  # nodes that publish while they are the whole network
 REGISTER_WAIT = 600.0  # longest wait for every node to hold its mailboxes
 MAILBOXES_EACH = 3  # NodeConfig.mailbox_count
 MAILBOX_INTERVAL = 30.0  # NodeConfig.mailbox_interval, as a daemon runs
+
+
+def progress(line: str) -> None:
+    """What a run is doing, on stderr (to attach a profiler to the idle window, say)."""
+    print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
 
 
 def clock_ticks() -> int:
@@ -130,14 +142,14 @@ class Lookups:
         }
 
 
-async def grow(fleet: Any, nodes: int, first: int, holds: Any) -> None:
+async def grow(fleet: Any, nodes: int, first: int, holds: Any, at_once: int) -> None:
     """The first nodes alone until each holds the others' records, then the rest."""
     for node in range(first):
         await fleet.start(node)
     with trio.move_on_after(60):
         while not await holds():
             await trio.sleep(0.5)
-    limit = trio.CapacityLimiter(STARTS_AT_ONCE)
+    limit = trio.CapacityLimiter(at_once)
 
     async def start(node: int) -> None:
         async with limit:
@@ -156,10 +168,14 @@ async def wait_registered(fleet: Any, nodes: int, mailboxes: int) -> int:
         return min(MAILBOXES_EACH, mailboxes - (node < mailboxes))
 
     short = list(range(nodes))
+    said = trio.current_time()
     with trio.move_on_after(REGISTER_WAIT):
         while short:
             short = [n for n in short if await fleet.registered(n) < want(n)]
             if short:
+                if trio.current_time() - said > 30:
+                    said = trio.current_time()
+                    progress(f"{len(short)} nodes hold fewer mailboxes than they can")
                 await trio.sleep(2)
     return nodes - len(short)
 
@@ -181,21 +197,31 @@ async def run_local(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 for key in keys
             )
 
-        await grow(fleet, n, FIRST, holds)
+        await grow(fleet, n, FIRST, holds, STARTS_AT_ONCE)
         result["registered"] = await wait_registered(fleet, n, args.mailboxes)
         result["startup_s"] = round(trio.current_time() - started, 1)
+        progress(f"{n} nodes up, {result['registered']} registered; settling")
         await trio.sleep(args.settle)
+        progress(f"idle for {args.idle:g} s")
 
         cpu = time.process_time() + sum(proc_cpu_s(pid) for pid in _children())
         wire = sum(node.wire.sent for node in fleet.nodes.values())
+        opened = sum(node.wire.opened for node in fleet.nodes.values())
         await trio.sleep(args.idle)
         cpu = time.process_time() + sum(proc_cpu_s(pid) for pid in _children()) - cpu
         wire = sum(node.wire.sent for node in fleet.nodes.values()) - wire
+        opened = sum(node.wire.opened for node in fleet.nodes.values()) - opened
+        # each connection counted at both ends
+        result["idle_connections_per_node_min"] = round(opened / 2 / n / args.idle * 60, 2)
+        result["connections_per_node"] = round(
+            sum(len(node.host.get_network().connections) for node in fleet.nodes.values()) / n, 1
+        )
         rss = rss_kb(os.getpid()) - base_kb
         result.update(_idle(cpu, wire, args.idle, n))
         result["rss_mb_per_node"] = round(rss / 1024 / n, 2)
         result["rss_mb_total"] = round(rss_kb(os.getpid()) / 1024, 1)
 
+        progress("looking up")
         keys = [fleet.nodes[i].conversations.identity.public_key for i in range(n)]
         lookups = Lookups()
         for asker in random.Random(args.seed).sample(range(n), min(args.askers, n)):
@@ -230,6 +256,7 @@ async def run_processes(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     n = args.nodes
     names = tuple(f"n{i}" for i in range(n))
     result: dict[str, Any] = {"mode": "processes", "nodes": n, "mailboxes": args.mailboxes}
+    processes.READY_TIMEOUT = PROCESS_READY_TIMEOUT
     fleet = ProcessFleet(root, names, tuple(range(args.mailboxes)), MAILBOX_INTERVAL)
     try:
         started = trio.current_time()
@@ -243,10 +270,12 @@ async def run_processes(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 return True
             return False
 
-        await grow(fleet, n, FIRST, holds)
+        await grow(fleet, n, FIRST, holds, PROCESS_STARTS_AT_ONCE)
         result["registered"] = await wait_registered(fleet, n, args.mailboxes)
         result["startup_s"] = round(trio.current_time() - started, 1)
+        progress(f"{n} nodes up, {result['registered']} registered; settling")
         await trio.sleep(args.settle)
+        progress(f"idle for {args.idle:g} s")
 
         pids = [fleet.processes[i].pid for i in range(n)]
 
@@ -267,6 +296,7 @@ async def run_processes(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         result["rss_mb_per_node"] = round(sum(rss) / 1024 / n, 2)
         result["rss_mb_total"] = round(sum(rss) / 1024, 1)
 
+        progress("looking up")
         keys = [ContactCode.parse(fleet.code(i)).identity_key for i in range(n)]
         lookups = Lookups()
         pick = random.Random(args.seed)
@@ -337,15 +367,17 @@ def main() -> None:
                 "--seed", str(args.seed),
             ]  # fmt: skip
             done = subprocess.run(command, capture_output=True, text=True, timeout=7200)
-            if done.returncode != 0:
-                raise SystemExit(f"{mode} {nodes} failed: {done.stderr.strip()[-2000:]}")
-            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            if done.returncode == 0:
+                runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            else:  # said in the line, and the other sizes still run
+                error = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+                runs.append({"mode": mode, "nodes": nodes, "error": error[0]})
             if not args.json:
                 print(json.dumps(runs[-1]), flush=True)
     for mode in modes:
-        mine = [run for run in runs if run["mode"] == mode]
-        base = mine[0]["idle_cpu_pct_per_node"] or 1e-9
+        mine = [run for run in runs if run["mode"] == mode and "error" not in run]
         for run in mine:
+            base = mine[0]["idle_cpu_pct_per_node"] or 1e-9
             run["idle_cpu_per_node_ratio"] = round(run["idle_cpu_pct_per_node"] / base, 2)
     print(json.dumps({"benchmark": "scale", "baseline_nodes": sizes[0], "runs": runs}))
 

@@ -26,9 +26,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -75,6 +77,18 @@ REPUBLISH_EVERY = 10 * 60
 # lookup, which asks the closest five first and stops at three copies, finds
 # three while some of them are away.
 PUBLISH_COPIES = 8
+# Between republishing, our record also goes to peers that became closest to
+# its key as the network changed: every WATCH_EVERY seconds the peers closest
+# to the key in our routing table are looked at (no request), and when one of
+# them is a peer we did not know there (neither among those the last
+# lookup of the key found, nor among those that took the record), the record
+# is given, after SPREAD_AFTER seconds (peers join in bursts), to those of the
+# closest that do not hold it: one lookup and a store at each newcomer, at
+# most once every SPREAD_GAP seconds.  A network that does not change costs
+# nothing more; one that grows or churns, at most one lookup a minute.
+WATCH_EVERY = 5.0
+SPREAD_AFTER = 5.0
+SPREAD_GAP = 60.0
 
 # A node's own record, asked of the node itself (docs/protocol/delivery.md).
 RECORD_PROTOCOL = TProtocol("/pigeon/record/1.0.0")
@@ -156,9 +170,12 @@ def make_dht_validator(dht: KadDHT, clock: Callable[[], float] = time.time) -> N
     dht.register_validator(DHT_NAMESPACE, RecordValidator(clock))
 
 
-async def publish(dht: KadDHT, record: bytes, identity_key: bytes) -> int:
-    """Store our record with us and at the ``PUBLISH_COPIES`` peers closest
-    to its key, all at once; how many of them took it.
+async def publish(
+    dht: KadDHT, record: bytes, identity_key: bytes, holders: Collection[ID] = ()
+) -> tuple[set[ID], list[ID]]:
+    """Store our record with us and at those of the ``PUBLISH_COPIES`` peers
+    closest to its key that are not among ``holders``, all at once: (the
+    peers that took it, the closest peers the lookup found).
 
     Not py-libp2p's ``put_value``: that stores at every one of the 20 closest
     (in a network of 30, two thirds of it) while a lookup stops after three
@@ -168,22 +185,23 @@ async def publish(dht: KadDHT, record: bytes, identity_key: bytes) -> int:
     key = dht_key(identity_key).encode()
     dht.value_store.put(key, record)
     dht.value_store.local_keys.discard(key)
-    stored = 0
+    stored: set[ID] = set()
 
     async def store(peer: ID) -> None:
-        nonlocal stored
         try:
             with trio.move_on_after(LOOKUP_TIMEOUT):
                 if await dht.value_store._store_at_peer(peer, key, record):
-                    stored += 1
+                    stored.add(peer)
         except Exception as error:  # a peer's failure is not ours
             log.debug("storing our record at %s failed: %s", peer, error)
 
     peers = await dht.peer_routing.find_closest_peers_network(key)
+    closest = [p for p in peers if p != dht.local_peer_id][:PUBLISH_COPIES]
     async with trio.open_nursery() as nursery:
-        for peer in [p for p in peers if p != dht.local_peer_id][:PUBLISH_COPIES]:
-            nursery.start_soon(store, peer)
-    return stored
+        for peer in closest:
+            if peer not in holders:
+                nursery.start_soon(store, peer)
+    return stored, peers
 
 
 async def lookup(dht: KadDHT, identity_key: bytes) -> list[bytes]:
@@ -337,10 +355,19 @@ def guard_dht(dht: KadDHT, refusals: RefusalLog = REFUSALS) -> Handler:
     return handle_dht_stream
 
 
+@dataclass
+class Published:
+    """One of our records as last published, and where it went."""
+
+    record: bytes
+    holders: set[ID]  # peers that took it
+    known: set[ID] = field(default_factory=set)  # peers seen closest to its key since
+
+
 class Directory:
-    """Our record in the DHT (published at start, when asked, and every
-    ``REPUBLISH_EVERY``) and our contacts' records (looked up on demand,
-    newest kept)."""
+    """Our record in the DHT (published at start, when asked, every
+    ``REPUBLISH_EVERY``, and to new closest peers as they appear) and our
+    contacts' records (looked up on demand, newest kept)."""
 
     def __init__(
         self,
@@ -361,6 +388,9 @@ class Directory:
         # Other identities this node publishes and answers for (the one it
         # moved from): key -> how to build its record.
         self._others: dict[bytes, Callable[[], bytes]] = {}
+        self._published: dict[bytes, Published] = {}  # identity key -> our record
+        self._publishing = trio.Lock()
+        self.spreads = 0  # times the record went to new closest peers (for tests)
         self._looked_up: dict[bytes, float] = {}  # key -> when its last lookup ended
         self._looking: dict[bytes, trio.Event] = {}  # key -> set when its refresh ends
         # How long the latest lookups in the DHT took, for `metrics`.
@@ -374,19 +404,79 @@ class Directory:
         self._others[identity_key] = build_record
 
     async def run(self) -> None:
-        while True:
-            await self.publish()
-            with trio.move_on_after(REPUBLISH_EVERY):
-                await self._republish.wait()
-            self._republish = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch)
+            while True:
+                await self.publish()
+                with trio.move_on_after(REPUBLISH_EVERY):
+                    await self._republish.wait()
+                self._republish = trio.Event()
 
     async def publish(self) -> None:
-        for key, build in ((self.identity_key, self.build_record), *self._others.items()):
-            try:
-                copies = await publish(self.dht, build(), key)
-                log.info("published directory record %s (%d copies)", short_id(key), copies)
-            except Exception as error:
-                log.warning("publishing the directory record failed: %s", error)
+        async with self._publishing:
+            for key, build in ((self.identity_key, self.build_record), *self._others.items()):
+                try:
+                    record = build()
+                    stored, peers = await publish(self.dht, record, key)
+                    self._published[key] = Published(record, stored)
+                    self._seen(key, peers)
+                    log.info(
+                        "published directory record %s (%d copies)", short_id(key), len(stored)
+                    )
+                except Exception as error:
+                    log.warning("publishing the directory record failed: %s", error)
+
+    def _closest(self, key: bytes) -> list[ID]:
+        """The peers closest to our record's key in our routing table."""
+        table = self.dht.routing_table
+        return table.find_local_closest_peers(dht_key(key).encode(), PUBLISH_COPIES)
+
+    def _seen(self, key: bytes, peers: Collection[ID]) -> None:
+        published = self._published[key]
+        published.known |= {*peers, *self._closest(key), *published.holders}
+
+    def newcomers(self) -> list[bytes]:
+        """Our records with a peer among the closest to their key in our
+        routing table that we did not know there."""
+        return [
+            key
+            for key, published in self._published.items()
+            if any(peer not in published.known for peer in self._closest(key))
+        ]
+
+    async def _watch(self) -> None:
+        """Give our record to new closest peers as the network changes."""
+        last = -math.inf
+        while True:
+            await trio.sleep(WATCH_EVERY)
+            if not self.newcomers():
+                continue
+            await trio.sleep(max(SPREAD_AFTER, last + SPREAD_GAP - trio.current_time()))
+            last = trio.current_time()
+            await self.spread()
+
+    async def spread(self) -> None:
+        """Store each record that has newcomers among its closest peers at
+        those of the closest that do not hold it (the same record: nothing
+        changed in it)."""
+        async with self._publishing:
+            for key in self.newcomers():
+                published = self._published[key]
+                try:
+                    stored, peers = await publish(
+                        self.dht, published.record, key, published.holders
+                    )
+                except Exception as error:
+                    log.info("spreading the directory record failed: %s", error)
+                    continue
+                published.holders |= stored
+                self._seen(key, peers)
+                self.spreads += 1
+                log.info(
+                    "directory record %s given to %d new closest peer(s)",
+                    short_id(key),
+                    len(stored),
+                )
 
     async def refresh(self, key: bytes) -> DirectoryRecord | None:
         """Find a contact's newest record; the newest we now hold.

@@ -10,13 +10,14 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost
+from libp2p.abc import IHost, IMuxedStream, INetConn
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import THandler
@@ -25,6 +26,9 @@ from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.network.connection.swarm_connection import SwarmConn
+from libp2p.network.connection_pruner import ConnectionPruner
+from libp2p.network.stream.net_stream import NetStream
 from libp2p.peer.id import ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -251,10 +255,12 @@ class Wire:
         self.source = source
         self.sent = 0
         self.received = 0
+        self.opened = 0  # connections, both ways
         self.allows: Callable[[str], bool] = lambda ip: True
         self._live: set[_Metered] = set()
 
     def track(self, stream: ReadWriteCloser) -> ReadWriteCloser:
+        self.opened += 1
         metered = _Metered(stream, self)
         self._live.add(metered)
         return metered
@@ -388,6 +394,44 @@ class _WireTCP(TCP):
             await handler_function(metered)
 
         return super().create_listener(handler)
+
+
+# A connection that carried a stream this recently is not pruned.  py-libp2p
+# prunes, whenever a node holds more than CONNECTIONS_HIGH, down towards
+# CONNECTIONS_LOW, the oldest connections without a stream open at that moment:
+# a mailbox peer with more owners than that closed the connection of an owner
+# that had collected a minute before, and nearly every collection (each owner,
+# every 30 s) dialed again, with a Noise handshake and an identify exchange at
+# both ends.  That grew with the network: above 32 nodes, most of the idle cost.
+# Pruning now takes connections idle for this long, and nothing else: the limit
+# is on connections nobody uses.
+KEEP_USED_FOR = 90.0
+
+
+def used_recently(connection: INetConn, now: float | None = None) -> bool:
+    """Whether ``connection`` carried a stream within ``KEEP_USED_FOR`` seconds."""
+    used = getattr(connection, "_pigeon_used_at", None)
+    now = time.monotonic() if now is None else now
+    return isinstance(used, float) and now - used < KEEP_USED_FOR
+
+
+_add_stream = SwarmConn._add_stream
+_within_grace = ConnectionPruner._is_connection_within_grace_period
+
+
+async def _add_stream_noting_use(self: SwarmConn, muxed_stream: IMuxedStream) -> NetStream:
+    self._pigeon_used_at = time.monotonic()  # type: ignore[attr-defined]
+    return await _add_stream(self, muxed_stream)
+
+
+def _within_grace_or_used(
+    self: ConnectionPruner, connection: INetConn, grace_period: float
+) -> bool:
+    return used_recently(connection) or _within_grace(self, connection, grace_period)
+
+
+SwarmConn._add_stream = _add_stream_noting_use  # type: ignore[method-assign]
+ConnectionPruner._is_connection_within_grace_period = _within_grace_or_used  # type: ignore[method-assign]
 
 
 # Connections a node keeps.  py-libp2p's defaults (100 to 300, and it dials

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 
 import trio
@@ -38,6 +39,7 @@ from pigeon.protocol.mailbox import (
 from .framing import read_frame
 from .mailbox import PROVIDER_KEY, MailboxStream, call, mailbox_peer
 from .prekeys import Prekeys
+from .routing import find_providers
 from .storage import Database
 from .work import prove
 
@@ -63,6 +65,29 @@ MAX_OUTSTANDING_PREKEYS = 3 * PREKEY_BATCH
 TOKEN_LIFETIME = 30 * 24 * 3600  # a deposit token we give a contact
 SHUN_FOR = 3600.0  # seconds a mailbox we dropped for failing is not chosen again
 MAX_SHUNNED = 256
+# While we hold fewer mailboxes than we want, we search for more (a DHT lookup
+# and requests to the peers closest to the providers' key).  Holding none, soon
+# (SEARCH_FIRST) and then twice as long after each search that gave us none,
+# up to SEARCH_MAX_NONE; holding some, after SEARCH_AGAIN and then twice as
+# long each time, up to SEARCH_MAX: a network with fewer mailbox peers than we
+# want is searched twice an hour, not every 30 s.  Each wait is shortened by up
+# to SEARCH_JITTER of it at random, so that nodes started together do not
+# search together.  A search that gave us one, or a mailbox lost, starts the
+# schedule again.  Holding enough, we do not search.
+SEARCH_FIRST = 5.0
+SEARCH_MAX_NONE = 5 * 60.0
+SEARCH_AGAIN = 60.0
+SEARCH_MAX = 30 * 60.0
+SEARCH_JITTER = 0.25
+
+
+def search_delay(searches: int, have: int, jitter: float) -> float:
+    """Seconds until the next search for mailboxes, after ``searches`` in a
+    row that gave us none, holding ``have``; ``jitter`` from 0 to 1."""
+    first, cap = (SEARCH_AGAIN, SEARCH_MAX) if have else (SEARCH_FIRST, SEARCH_MAX_NONE)
+    delay = min(cap, first * 2.0 ** min(max(searches - 1, 0), 32))
+    return delay * (1 - SEARCH_JITTER * jitter)
+
 
 Accept = Callable[[list[bytes], object], list[AckStatus]]
 
@@ -97,7 +122,9 @@ class MailboxOwner:
         self.random = random
         self.clock = clock
         self.collect_now = trio.Event()
-        self._searches = 0
+        self._searches = 0  # searches in a row that gave us no mailbox
+        self._search_at = -math.inf  # trio time of the next search, while we hold too few
+        self._had = 0  # mailboxes held at the last search
         self._key: SigningKey | None = None
         self._shunned: dict[bytes, float] = {}  # peer ID -> until (trio time)
 
@@ -148,7 +175,7 @@ class MailboxOwner:
         every interval, and when asked."""
         while True:
             try:
-                if await self._ensure_mailboxes():
+                if await self._search():
                     self.republish()
                 await self.collect_mailboxes()
             except Exception as error:
@@ -156,14 +183,31 @@ class MailboxOwner:
             self.prekeys.expire_one_time()
             wait = self.interval
             if len(self.my_mailboxes()) < self.count:
-                # still looking for mailboxes: soon at first, then less often
-                wait = min(wait, 5.0 * 2 ** min(self._searches, 8))
-                self._searches += 1
-            else:
-                self._searches = 0
+                wait = max(0.0, min(wait, self._search_at - trio.current_time()))
             with trio.move_on_after(wait):
                 await self.collect_now.wait()
             self.collect_now = trio.Event()
+
+    async def _search(self) -> bool:
+        """Search for mailboxes when we hold fewer than we want and the
+        schedule (``search_delay``) says it is time; whether we registered
+        with one."""
+        have = len(self.my_mailboxes())
+        if have >= self.count or have < self._had:
+            self._searches, self._search_at = 0, -math.inf
+        self._had = have
+        if have >= self.count or trio.current_time() < self._search_at:
+            return False
+        found = False
+        try:
+            found = await self._ensure_mailboxes()
+        finally:
+            self._searches = 0 if found else self._searches + 1
+            self._had = len(self.my_mailboxes())
+            jitter = int.from_bytes(self.random(2), "big") / 65536
+            delay = search_delay(self._searches, self._had, jitter)
+            self._search_at = trio.current_time() + delay
+        return found
 
     async def _ensure_mailboxes(self) -> bool:
         have = {peer for peer, _ in self.my_mailboxes()}
@@ -171,7 +215,10 @@ class MailboxOwner:
             return False
         changed = False
         with trio.move_on_after(20):
-            providers = await self.dht.find_providers(PROVIDER_KEY, 20)
+            # From the peers closest to the key, not a copy we kept: a mailbox
+            # that started since our last search is found too.
+            enough = self.count + len(self._shunned) + 1
+            providers = await find_providers(self.dht, bytes.fromhex(PROVIDER_KEY), enough)
             now = trio.current_time()
             self._shunned = {p: t for p, t in self._shunned.items() if t > now}
             for info in providers:

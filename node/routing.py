@@ -17,6 +17,13 @@ to FIND_NODE carries the records of up to 20 others: py-libp2p checks each
 signature every time it sees one, though the same few hundred records come
 back again and again.  ``remember_verified_envelopes`` keeps the digests of
 envelopes whose signature checked out, so the same bytes are checked once.
+
+``find_providers`` stands in for ``KadDHT.find_providers``, which answers
+from its own copy of what it found before whenever it holds one (so a node
+never learns of a provider that started after its first search), and
+otherwise asks peers until it holds as many providers as it was asked for:
+fewer exist in a small network of mailboxes, so it asked every peer it heard
+of, a request per node of the network at every search.
 """
 
 from __future__ import annotations
@@ -27,14 +34,21 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable
 
+import trio
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.peer.envelope import Envelope
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 
 log = logging.getLogger("pigeon.routing")
 
 # Envelopes whose signature was found good, remembered by digest (32 bytes
 # each, so about 200 KiB): a network's worth of peers several times over.
 VERIFIED_ENVELOPES = 4096
+# Peers closest to a key asked for its providers together.  A provider
+# announces itself to the 20 closest, so those are all that are asked.
+PROVIDERS_AT_ONCE = 5
+PROVIDERS_TIMEOUT = 5.0  # seconds for one peer's answer
 
 
 class RoutingUpkeep:
@@ -97,3 +111,42 @@ def remember_verified_envelopes() -> None:
 
     validate_once.remembers = True  # type: ignore[attr-defined]
     Envelope.validate = validate_once  # type: ignore[method-assign]
+
+
+async def find_providers(dht: KadDHT, key: bytes, enough: int) -> list[PeerInfo]:
+    """Providers of ``key``: those that announced themselves to us, and those
+    the peers closest to it name, asked nearest first, a few at a time,
+    until ``enough`` distinct ones are known, or a few more peers named no
+    new one (each of the closest holds every provider's announcement), or
+    all the closest were asked.  At most one lookup and 20 requests (10 in a
+    settled network), whatever the size of the network."""
+    found: dict[ID, PeerInfo] = {}
+
+    def add(providers: list[PeerInfo]) -> None:
+        for info in providers:
+            if info.peer_id not in found and info.addrs:
+                found[info.peer_id] = info
+
+    add(dht.provider_store.get_providers(key))
+
+    async def ask(peer: ID) -> None:
+        try:
+            with trio.move_on_after(PROVIDERS_TIMEOUT):
+                store = dht.provider_store
+                providers, _ = await store._get_providers_from_peer_with_closers(peer, key)
+                add(providers)
+        except Exception as error:  # a peer's failure is not ours
+            log.debug("asking %s for providers failed: %s", peer, error)
+
+    if len(found) >= enough:
+        return list(found.values())
+    peers = await dht.peer_routing.find_closest_peers_network(key)
+    peers = [peer for peer in peers if peer != dht.local_peer_id]
+    for start in range(0, len(peers), PROVIDERS_AT_ONCE):
+        known = len(found)
+        async with trio.open_nursery() as nursery:
+            for peer in peers[start : start + PROVIDERS_AT_ONCE]:
+                nursery.start_soon(ask, peer)
+        if len(found) >= enough or (start and len(found) == known):
+            break
+    return list(found.values())

@@ -1,20 +1,37 @@
 """The node's routing-table upkeep and its memory of verified peer records
 (node/routing.py): unit tests with py-libp2p's own key and envelope types,
-and a real DHT that uses them."""
+and a real DHT that uses them.  Then the idle upkeep that must stay flat as
+the network grows: the mailbox search's backoff, the provider search, and
+our record reaching new closest peers as they appear (real nodes on
+127.0.0.1)."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
+import time
+from pathlib import Path
+from typing import Any
+
 import pytest
 import trio
+import trio.testing
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.envelope import Envelope, seal_record
 from libp2p.peer.id import ID
 from libp2p.peer.peer_record import PeerRecord
+from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
 from pigeon.node import routing
+from pigeon.node.conversations import Conversations
+from pigeon.node.host import close_host
+from pigeon.node.node import Node, NodeConfig
 from pigeon.node.routing import RoutingUpkeep, remember_verified_envelopes
+from pigeon.node.storage import Database
+from pigeon.protocol.keys import identity_id
 
 
 class Lookups:
@@ -141,3 +158,286 @@ def test_the_memory_is_bounded(remembered: None, monkeypatch: pytest.MonkeyPatch
     for i in range(5):
         envelope(bytes([10 + i]) * 32).validate(domain)
     assert len(routing._verified) == 3
+
+
+# -- idle upkeep that stays flat as the network grows ---------------------------------
+
+
+def test_the_mailbox_search_backs_off_exponentially_up_to_a_cap() -> None:
+    from pigeon.node.mailbox_owner import (
+        SEARCH_AGAIN,
+        SEARCH_FIRST,
+        SEARCH_JITTER,
+        SEARCH_MAX,
+        SEARCH_MAX_NONE,
+        search_delay,
+    )
+
+    # Holding some (fewer than wanted): a minute, doubling, up to half an hour.
+    delays = [search_delay(searches, 2, 0.0) for searches in range(20)]
+    assert delays[:5] == [SEARCH_AGAIN, SEARCH_AGAIN, 120.0, 240.0, 480.0]
+    assert delays == sorted(delays)
+    assert delays[-1] == SEARCH_MAX == 30 * 60
+    # Holding none: seconds at first, and never more than five minutes apart.
+    none = [search_delay(searches, 0, 0.0) for searches in range(20)]
+    assert none[:4] == [SEARCH_FIRST, SEARCH_FIRST, 10.0, 20.0]
+    assert none[-1] == SEARCH_MAX_NONE == 5 * 60
+    # Jitter shortens a wait by at most a quarter, never lengthens it.
+    assert search_delay(19, 2, 1.0) == SEARCH_MAX * (1 - SEARCH_JITTER)
+    assert search_delay(3, 2, 0.5) == 240.0 * (1 - SEARCH_JITTER / 2)
+    assert search_delay(10**6, 2, 0.0) == SEARCH_MAX  # no overflow
+
+
+class Owner:
+    """A ``MailboxOwner`` whose mailboxes are a list and whose search counts."""
+
+    def __init__(self, held: list[int], found: bool = False) -> None:
+        import os
+        import time
+
+        from pigeon.node.mailbox_owner import MailboxOwner
+
+        self.held = held
+        self.searches: list[float] = []
+        self.found = found
+        owner = MailboxOwner(
+            None,  # type: ignore[arg-type]
+            None,  # type: ignore[arg-type]
+            None,  # type: ignore[arg-type]
+            None,  # type: ignore[arg-type]
+            lambda envelopes, peer: [],
+            lambda: None,
+            count=3,
+            interval=30.0,
+            random=os.urandom,
+            clock=time.time,
+        )
+        owner.my_mailboxes = lambda retired=False: [(bytes([i]), []) for i in self.held]  # type: ignore[method-assign]
+        owner._ensure_mailboxes = self._search  # type: ignore[method-assign]
+        self.owner = owner
+
+    async def _search(self) -> bool:
+        self.searches.append(trio.current_time())
+        if self.found:
+            self.held.append(len(self.held))
+        return self.found
+
+    async def run_for(self, seconds: float, every: float = 1.0) -> None:
+        """Call ``_search`` as often as the owner's loop could (every wake-up)."""
+        end = trio.current_time() + seconds
+        while trio.current_time() < end:
+            await self.owner._search()
+            await trio.sleep(every)
+
+
+def test_a_node_short_of_mailboxes_searches_rarely_and_one_with_enough_never() -> None:
+    clock = trio.testing.MockClock(autojump_threshold=0)
+
+    async def main() -> None:
+        # Two of the three wanted, and no other mailbox in the network: woken
+        # every second for two hours, it searches about ten times, not 240.
+        short = Owner([0, 1])
+        await short.run_for(2 * 3600)
+        assert 7 <= len(short.searches) <= 12, len(short.searches)
+        gaps = [b - a for a, b in itertools.pairwise(short.searches)]
+        assert 0.75 * 60 - 1 <= gaps[0] <= 61
+        assert max(gaps) <= 30 * 60 + 1
+        assert gaps[-1] >= 0.75 * 30 * 60 - 1
+        # Losing a mailbox starts again at once.
+        short.held.pop()
+        before = len(short.searches)
+        await short.run_for(2)
+        assert len(short.searches) == before + 1
+        # Holding enough, it never searches.
+        enough = Owner([0, 1, 2])
+        await enough.run_for(3600)
+        assert enough.searches == []
+        # Holding none, it looks again within seconds, and at least every five minutes.
+        none = Owner([])
+        await none.run_for(3600)
+        gaps = [b - a for a, b in itertools.pairwise(none.searches)]
+        assert gaps[0] <= 5 + 1 and max(gaps) <= 5 * 60 + 1
+        # A search that found one starts the schedule again (more may have started).
+        growing = Owner([], found=True)
+        await growing.run_for(200)
+        assert len(growing.searches) == 3
+        assert growing.searches[2] - growing.searches[1] <= 61
+
+    trio.run(main, clock=clock)
+
+
+class ProviderNetwork:
+    """Stands in for a DHT: 20 peers closest to the key, each naming the
+    providers it was told of; our own store holds an old copy."""
+
+    def __init__(self, named: list[PeerInfo], kept: list[PeerInfo]) -> None:
+        self.local_peer_id = peer(0)
+        self.asked: list[ID] = []
+        self.named = named
+        self.kept = kept
+        self.peer_routing = self
+        self.provider_store = self
+
+    async def find_closest_peers_network(self, key: bytes) -> list[ID]:
+        return [peer(i) for i in range(1, 21)]
+
+    def get_providers(self, key: bytes) -> list[PeerInfo]:
+        return self.kept
+
+    async def _get_providers_from_peer_with_closers(
+        self, who: ID, key: bytes
+    ) -> tuple[list[PeerInfo], list[ID]]:
+        self.asked.append(who)
+        return self.named, []
+
+
+def peer(i: int) -> ID:
+    return ID.from_pubkey(create_new_key_pair(bytes([100 + i]) * 32).public_key)
+
+
+def test_providers_are_asked_of_the_closest_peers_and_only_of_a_few() -> None:
+    """py-libp2p's ``find_providers`` answers from what it found before (a
+    provider that started after a node's first search was never found by
+    it), and otherwise asks until it holds as many as it was asked for: with
+    fewer in the network, every peer it heard of."""
+    from pigeon.node.routing import find_providers
+
+    address = [Multiaddr("/ip4/127.0.0.1/tcp/4001")]
+    old, new = PeerInfo(peer(50), address), PeerInfo(peer(51), address)
+    network = ProviderNetwork([old, new], [old])
+    found = trio.run(find_providers, network, b"key", 4)
+    assert {info.peer_id for info in found} == {old.peer_id, new.peer_id}
+    # The closest five, then five more that named no new one: not all twenty.
+    assert sorted(map(str, network.asked)) == sorted(str(peer(i)) for i in range(1, 11))
+    # Enough known after the first five: no more asked.
+    network = ProviderNetwork([old, new], [])
+    assert len(trio.run(find_providers, network, b"key", 2)) == 2
+    assert len(network.asked) == 5
+    # Enough of our own: no request at all.
+    network = ProviderNetwork([], [old, new])
+    assert len(trio.run(find_providers, network, b"key", 2)) == 2
+    assert network.asked == []
+
+
+def test_providers_are_found_at_the_closest_peers_of_a_real_dht() -> None:
+    """The same with py-libp2p's DHT on 127.0.0.1: the request it makes is
+    one of the library's own methods, which must still answer as expected."""
+    from libp2p.tools.anyio_service import background_trio_service
+
+    from pigeon.node.host import build_host
+    from pigeon.node.routing import find_providers
+
+    key = bytes.fromhex("1220" + "ab" * 32)
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            dhts = []
+            for i in range(6):
+                host = build_host(bytes([40 + i]) * 32, ["/ip4/127.0.0.1/tcp/0"], None)
+                dht = KadDHT(host, DHTMode.SERVER)
+                RoutingUpkeep(dht).install()
+                await stack.enter_async_context(host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]))
+                await stack.enter_async_context(background_trio_service(dht))
+                if dhts:
+                    first = dhts[0].host
+                    await host.connect(PeerInfo(first.get_id(), first.get_addrs()))
+                    await dht.add_peer(first.get_id())
+                dhts.append(dht)
+            for dht in dhts[1:]:
+                await dht.peer_routing.find_closest_peers_network(dht.local_peer_id.to_bytes())
+            searcher = dhts[5]
+            assert await dhts[1].provide(key)
+            found = await find_providers(searcher, key, 3)
+            assert [info.peer_id for info in found] == [dhts[1].local_peer_id]
+            assert await dhts[2].provide(key)
+            found = await find_providers(searcher, key, 3)
+            assert {info.peer_id for info in found} == {
+                dhts[1].local_peer_id,
+                dhts[2].local_peer_id,
+            }
+            for dht in dhts:
+                stack.push_async_callback(close_host, dht.host)
+
+    trio.run(main)
+
+
+async def _run_node(
+    node: Node, stop: trio.Event, ended: trio.Event, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    try:
+        async with node.running():
+            task_status.started()
+            await stop.wait()
+    finally:
+        node.db.close()
+        ended.set()
+
+
+def test_a_record_published_by_two_nodes_reaches_the_closest_peers_as_the_network_grows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two nodes publish while they are the whole network; six more join;
+    the first two leave.  A node that joins then finds both records: they
+    went to the new closest peers when those appeared, not at the next
+    republish (an hour away here)."""
+    from pigeon.node import directory
+    from pigeon.protocol import DirectoryRecord, dht_key
+
+    monkeypatch.setattr(directory, "REPUBLISH_EVERY", 3600)
+    monkeypatch.setattr(directory, "WATCH_EVERY", 0.5)
+    monkeypatch.setattr(directory, "SPREAD_AFTER", 0.5)
+    monkeypatch.setattr(directory, "SPREAD_GAP", 2.0)
+
+    def node(name: str, bootstrap: Node | None) -> Node:
+        db = Database.create(tmp_path / name, "pw", fast_kdf=True)
+        Conversations.initialise(db, name, os.urandom)
+        config = NodeConfig(
+            bootstrap=[bootstrap.addresses[0]] if bootstrap else [],
+            announce_presence=False,
+            mailbox_count=0,
+        )
+        return Node(db, config)
+
+    def holders(nodes: list[Node], of: Node) -> int:
+        key = dht_key(of.conversations.identity.public_key).encode()
+        return sum(n.dht.value_store.get(key) is not None for n in nodes)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            stops: dict[Node, trio.Event] = {}
+            ended: dict[Node, trio.Event] = {}
+
+            async def start(name: str, bootstrap: Node | None) -> Node:
+                started = node(name, bootstrap)
+                stops[started], ended[started] = trio.Event(), trio.Event()
+                await nursery.start(_run_node, started, stops[started], ended[started])
+                return started
+
+            a = await start("a", None)
+            b = await start("b", a)
+            with trio.fail_after(20):
+                while holders([a], b) == 0:  # b's record, published to a
+                    await trio.sleep(0.2)
+            grown = [b]
+            for i in range(6):
+                grown.append(await start(f"n{i}", grown[-1]))
+            newcomers = grown[1:]
+            with trio.move_on_after(30):
+                while min(holders(newcomers, a), holders(newcomers, b)) < 4:
+                    await trio.sleep(0.5)
+            for gone in (a, b):
+                stops[gone].set()
+                await ended[gone].wait()
+            c = await start("c", grown[-1])
+            for gone in (a, b):
+                key = gone.conversations.identity.public_key
+                copies = await directory.lookup(c.dht, key)
+                assert copies, f"{gone.conversations.name}'s record was not found"
+                for copy in copies:
+                    DirectoryRecord.verify(copy, now=int(time.time()), key_id=identity_id(key))
+            # They went there when those peers appeared, not at a republish.
+            assert a.directory.spreads >= 1 and b.directory.spreads >= 1
+            for stop in stops.values():
+                stop.set()
+
+    trio.run(main)
