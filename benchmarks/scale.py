@@ -22,8 +22,9 @@ record in the DHT, one lookup at a time.
   command).
 
 Per run: ``idle_cpu_pct_per_node`` (percent of one core), the bytes each node
-wrote to TCP per second while idle (and, in one process, the connections
-each opened a minute and held), ``rss_mb_per_node`` (in one process: its
+wrote to TCP per second while idle (and, in one process, the DHT lookups
+and connections each made a minute, and the connections each held),
+``rss_mb_per_node`` (in one process: its
 growth since before the first node, over the nodes), how many lookups found
 a valid record (``found``, and ``early_found`` for the two records published
 while the network had two nodes) and lookup p50/p99 in milliseconds.  The
@@ -48,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from libp2p.kad_dht.peer_routing import PeerRouting
 
 from pigeon.node.conversations import Conversations
 from pigeon.node.directory import lookup
@@ -57,7 +59,7 @@ from pigeon.node.storage import Database
 from pigeon.protocol import ContactCode, DirectoryRecord, ProtocolError, dht_key
 from pigeon.protocol.keys import identity_id
 from pigeon.sim import processes
-from pigeon.sim.fleet import PASSPHRASE, LocalFleet, loopback_address
+from pigeon.sim.fleet import PASSPHRASE, LocalFleet, child_pids, loopback_address
 from pigeon.sim.processes import ProcessFleet
 from pigeon.sim.report import percentile
 
@@ -185,6 +187,7 @@ async def run_local(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     names = tuple(f"n{i}" for i in range(n))
     base_kb = rss_kb(os.getpid())
     result: dict[str, Any] = {"mode": "local", "nodes": n, "mailboxes": args.mailboxes}
+    counter = CountLookups()
     async with trio.open_nursery() as nursery:
         fleet = LocalFleet(root, names, tuple(range(args.mailboxes)), nursery, MAILBOX_INTERVAL)
         started = trio.current_time()
@@ -204,13 +207,16 @@ async def run_local(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         await trio.sleep(args.settle)
         progress(f"idle for {args.idle:g} s")
 
-        cpu = time.process_time() + sum(proc_cpu_s(pid) for pid in _children())
+        cpu = time.process_time() + sum(proc_cpu_s(pid) for pid in child_pids())
         wire = sum(node.wire.sent for node in fleet.nodes.values())
         opened = sum(node.wire.opened for node in fleet.nodes.values())
+        counter.on = True
         await trio.sleep(args.idle)
-        cpu = time.process_time() + sum(proc_cpu_s(pid) for pid in _children()) - cpu
+        counter.on = False
+        cpu = time.process_time() + sum(proc_cpu_s(pid) for pid in child_pids()) - cpu
         wire = sum(node.wire.sent for node in fleet.nodes.values()) - wire
         opened = sum(node.wire.opened for node in fleet.nodes.values()) - opened
+        result["idle_lookups_per_node_min"] = round(counter.count / n / args.idle * 60, 2)
         # each connection counted at both ends
         result["idle_connections_per_node_min"] = round(opened / 2 / n / args.idle * 60, 2)
         result["connections_per_node"] = round(
@@ -235,12 +241,20 @@ async def run_local(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     return result
 
 
-def _children() -> list[int]:
-    pids: list[int] = []
-    for task in Path("/proc/self/task").iterdir():
-        with contextlib.suppress(OSError):
-            pids += [int(pid) for pid in (task / "children").read_text().split()]
-    return pids
+class CountLookups:
+    """Counts DHT lookups (``find_closest_peers_network``) of every node of
+    this process while ``on``; nothing else changes."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.count = 0
+        find = PeerRouting.find_closest_peers_network
+
+        async def counted(routing: PeerRouting, key: bytes, count: int = 20) -> list[Any]:
+            self.count += self.on
+            return await find(routing, key, count)
+
+        PeerRouting.find_closest_peers_network = counted  # type: ignore[method-assign]
 
 
 def _idle(cpu_s: float, wire_bytes: int, window: float, n: int) -> dict[str, Any]:

@@ -279,7 +279,7 @@ class LocalFleet:
     def usage(self) -> Usage:
         """This process and its children (the proof-of-work worker) together."""
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak += sum(peak_kb(pid) for pid in _children())
+        peak += sum(peak_kb(pid) for pid in child_pids())
         cpu = time.process_time() + _children_cpu_s() - self.started
         return Usage(round(peak / 1024, 1), round(cpu, 2))
 
@@ -320,7 +320,8 @@ def outgoing_file(home: Path, name: str, data: bytes) -> Path:
     return path.resolve()
 
 
-def _children() -> list[int]:
+def child_pids() -> list[int]:
+    """This process's child processes (its proof-of-work workers)."""
     pids: list[int] = []
     for task in Path("/proc/self/task").iterdir():
         with contextlib.suppress(OSError):
@@ -332,7 +333,7 @@ def _children_cpu_s() -> float:
     """CPU seconds of this process's living children (Linux; 0 elsewhere)."""
     total = 0.0
     with contextlib.suppress(OSError):
-        for pid in _children():
+        for pid in child_pids():
             with contextlib.suppress(OSError):
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                 total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
