@@ -1,9 +1,9 @@
 """The node's routing-table upkeep and its memory of verified peer records
 (node/routing.py): unit tests with py-libp2p's own key and envelope types,
-and a real DHT that uses them.  Then the idle upkeep that must stay flat as
-the network grows: the mailbox search's backoff, the provider search, and
-our record reaching new closest peers as they appear (real nodes on
-127.0.0.1)."""
+and a real DHT that uses them.  Then what keeps a node's idle work flat as
+the network grows: the mailbox search's backoff, the provider search, our
+record reaching new closest peers as they appear, and connections in use
+kept from pruning (real nodes on 127.0.0.1 where it matters)."""
 
 from __future__ import annotations
 
@@ -439,5 +439,61 @@ def test_a_record_published_by_two_nodes_reaches_the_closest_peers_as_the_networ
             assert a.directory.spreads >= 1 and b.directory.spreads >= 1
             for stop in stops.values():
                 stop.set()
+
+    trio.run(main)
+
+
+class Connection:
+    """What py-libp2p's pruner reads of a connection."""
+
+    def __init__(self, created: float, used: float | None) -> None:
+        self._created_at = created
+        if used is not None:
+            self._pigeon_used_at = used
+
+
+def test_a_connection_used_recently_is_not_pruned() -> None:
+    import time
+
+    from libp2p.network.connection_pruner import ConnectionPruner
+
+    from pigeon.node.host import KEEP_USED_FOR
+
+    pruner = ConnectionPruner(None)  # type: ignore[arg-type]
+    old = time.time() - 3600
+    now = time.monotonic()
+    spared = pruner._is_connection_within_grace_period
+    assert spared(Connection(old, now - 5), 20.0)  # type: ignore[arg-type]
+    assert not spared(Connection(old, now - KEEP_USED_FOR - 1), 20.0)  # type: ignore[arg-type]
+    assert not spared(Connection(old, None), 20.0)  # type: ignore[arg-type]
+    assert spared(Connection(time.time(), None), 20.0)  # type: ignore[arg-type]  # new: grace
+
+
+def test_a_real_connection_notes_its_streams() -> None:
+    import time
+
+    from libp2p.custom_types import TProtocol
+
+    from pigeon.node.host import build_host, used_recently
+
+    protocol = TProtocol("/pigeon-test/1.0.0")
+
+    async def main() -> None:
+        hosts = [build_host(bytes([60 + i]) * 32, ["/ip4/127.0.0.1/tcp/0"]) for i in range(2)]
+        async with contextlib.AsyncExitStack() as stack:
+            for host in hosts:
+                await stack.enter_async_context(host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]))
+                stack.push_async_callback(close_host, host)
+                host.set_stream_handler(protocol, lambda stream: stream.close())
+            a, b = hosts
+            await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+            (connection,) = a.get_network().get_connections(b.get_id())
+            before = getattr(connection, "_pigeon_used_at", 0.0)
+            await trio.sleep(0.05)
+            stream = await a.new_stream(b.get_id(), [protocol])
+            await stream.close()
+            assert used_recently(connection)
+            assert connection._pigeon_used_at > before  # type: ignore[attr-defined]
+            assert not used_recently(connection, now=time.monotonic() + 3600)
 
     trio.run(main)
