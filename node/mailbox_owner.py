@@ -76,7 +76,7 @@ MAX_SHUNNED = 256
 # schedule again.  Holding enough, we do not search.
 SEARCH_FIRST = 5.0
 SEARCH_MAX_NONE = 5 * 60.0
-SEARCH_AGAIN = 60.0
+SEARCH_AGAIN = 10.0  # soon enough for a new node to hold all it wants within a minute
 SEARCH_MAX = 30 * 60.0
 SEARCH_JITTER = 0.25
 
