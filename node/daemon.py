@@ -151,6 +151,7 @@ ARGUMENTS: dict[str, frozenset[str]] = {
     "files.auto_accept": frozenset({"contact", "max_bytes"}),
     "status": frozenset(),
     "metrics": frozenset(),
+    "lookup": frozenset({"contact"}),
     "stop": frozenset(),
 }
 # Sequence numbers are SQLite rowids: 64-bit and signed.
@@ -484,6 +485,10 @@ def make_handler(node: Node, stop: trio.Event) -> control.Handler:
             return {"ok": True, **node.status()}
         if cmd == "metrics":
             return {"ok": True, **node.metrics()}
+        if cmd == "lookup":
+            key = contacts.find(_text(request, "contact")).identity_key
+            ms, found = await node.directory.probe(key)
+            return {"ok": True, "ms": round(ms, 2), "found": found}
         if cmd == "stop":
             stop.set()
             return {"ok": True}

@@ -514,15 +514,28 @@ class Directory:
             del self._looking[key]
             done.set()
 
-    async def _look_up(self, key: bytes) -> None:
+    async def _look_up(self, key: bytes) -> bool:
+        """Look the record up in the DHT and keep every valid copy; whether
+        one was found."""
         started = trio.current_time()
         found = await lookup(self.dht, key)
         self.lookup_ms.append((trio.current_time() - started) * 1000)
+        valid = False
         for data in found:
             try:
                 self.contacts.store_record(key, data, int(self.clock()))
+                valid = True
             except ProtocolError as error:
                 log.warning("refused a directory record for %s: %s", short_id(key), error)
+        return valid
+
+    async def probe(self, key: bytes) -> tuple[float, bool]:
+        """One lookup of a contact's record in the DHT, whatever this node
+        holds or is connected to: how long the DHT took (ms, as counted in
+        ``lookup_ms``) and whether a valid copy was found.  For ``pigeon sim`` and monitoring: a node that
+        reaches its contacts directly may otherwise never look one up."""
+        found = await self._look_up(key)
+        return self.lookup_ms[-1], found
 
     async def _ask_contact(self, key: bytes, *, dial: bool) -> bool:
         """Ask the contact's devices for its record: those we are connected

@@ -116,6 +116,10 @@ class Fleet(Protocol):
     async def outgoing(self, node: int) -> dict[str, str]:
         """A running node's sent messages: text -> "status" or "status: reason"."""
 
+    async def look_up(self, node: int, to: int) -> tuple[float, bool]:
+        """Have a running node look a contact's record up in the DHT (even
+        one it could ask directly): milliseconds, and whether it was found."""
+
     async def metrics(self, node: int) -> dict[str, object]:
         """``Node.metrics()`` over all the node's runs (its earlier runs' alone
         when it is not running): wire bytes and DHT lookups summed."""
@@ -266,6 +270,9 @@ class LocalFleet:
 
     async def files(self, node: int) -> list[dict[str, Any]]:
         return self.nodes[node].transfers.list()
+
+    async def look_up(self, node: int, to: int) -> tuple[float, bool]:
+        return await self.nodes[node].directory.probe(self.contacts[(node, to)].identity_key)
 
     async def metrics(self, node: int) -> dict[str, object]:
         running = self.nodes.get(node)

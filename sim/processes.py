@@ -215,6 +215,10 @@ class ProcessFleet:
         files: list[dict[str, Any]] = (await self._call(node, "files.list"))["files"]
         return files
 
+    async def look_up(self, node: int, to: int) -> tuple[float, bool]:
+        reply = await self._call(node, "lookup", contact=self.names[to])
+        return float(reply["ms"]), bool(reply["found"])
+
     async def metrics(self, node: int) -> dict[str, object]:
         running = node in self.processes
         current = await self._call(node, "metrics") if running else None

@@ -88,6 +88,12 @@ def build(record: Record, usage: Usage, mode: str) -> dict[str, Any]:
             1 for mid, c in record.arrivals.items() if mid in record.sent and c[0].via == "mailbox"
         ),
         "dht_lookups": len(lookups),
+        # The lookups the run asked for (one by each node as the timeline
+        # starts and as it comes back): how many found the record.
+        "dht_probes": {
+            "made": len(record.probes),
+            "found": sum(1 for _, found in record.probes if found),
+        },
         "dht_lookup_ms": {
             "p50": percentile(lookups, 50),
             "p90": percentile(lookups, 90),
@@ -157,7 +163,8 @@ def summary(report: dict[str, Any], out: Path) -> str:
         f"  max {_ms(rea['max'])}   (from when the recipient could be reached)",
         f"  mailboxes  {report['via_mailbox']} message(s) arrived through a mailbox",
         f"  DHT        {report['dht_lookups']} lookups, p50 {_ms(dht['p50'])}"
-        f"  p99 {_ms(dht['p99'])}",
+        f"  p99 {_ms(dht['p99'])}; {report['dht_probes']['found']} of"
+        f" {report['dht_probes']['made']} probes found the record",
         f"  wire       {report['bytes_per_message'] or '-'} bytes sent per message delivered",
         f"  cost       {report['wall_s']} s wall, {report['cpu_s']} s CPU,"
         f" peak RSS {report['peak_rss_mb']} MB",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ MAILBOXES_EACH = 3  # mailboxes a node registers with (NodeConfig.mailbox_count)
 # timeline starts anyway (each registration is a proof of work, and all the
 # nodes of one process share one worker).
 REGISTER_WAIT = 600.0
+PROBES = 4  # nodes timing a DHT lookup together when the timeline starts
 ENDED = frozenset({"done", "failed", "refused", "cancelled"})  # a transfer's last states
 
 
@@ -74,6 +76,7 @@ class Record:
     started_at: float = 0.0  # wall time the timeline began
     ended_at: float = 0.0
     setup_s: float = 0.0
+    probes: list[tuple[float, bool]] = field(default_factory=list)  # (ms, found) of each probe
 
     def reachable_from(self, sender: int, recipient: int, sent: float) -> float:
         """When a message sent at ``sent`` could first reach its recipient:
@@ -105,6 +108,7 @@ class Runner:
         self.recipient = {s.id: s.recipient for s in plan.sends}
         self.planned_files = {f.id: f for f in plan.files}
         self.ended_transfers: set[str] = set()  # incoming transfers already counted
+        self.probed: dict[int, int] = {}  # node -> DHT lookups the run had it make
         # One node's start, stop, sends and reads do not interleave.
         self.locks = {node: trio.Lock() for node in range(len(plan.names))}
 
@@ -127,6 +131,7 @@ class Runner:
         self.log("start", nodes=len(self.plan.names), online=len(self.up), registered=registered)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch)
+            nursery.start_soon(self._many, self._probe, list(self.plan.users), "probed", PROBES)
             await self._timeline()
             self.progress("workload done; waiting for the last deliveries")
             with trio.move_on_after(settle):
@@ -249,6 +254,7 @@ class Runner:
             async with self.locks[arg]:
                 await self._start(arg)
             self.log("online", node=self.plan.names[arg], online=len(self.up))
+            await self._probe(arg)
         elif kind == "kill":
             async with self.locks[arg]:
                 self.up.discard(arg)
@@ -264,6 +270,29 @@ class Runner:
             if self.record.split is not None:
                 self.record.split = (self.record.split[0], time.time())
             self.log("heal")
+
+    async def _probe(self, node: int) -> None:
+        """Time a DHT lookup of one of the node's contacts (chosen from the
+        seed): the nodes themselves look records up only when they cannot
+        ask the contact directly, which may be never in a run."""
+        contacts = sorted(
+            {b for a, b in self.plan.contacts if a == node}
+            | {a for a, b in self.plan.contacts if b == node}
+        )
+        self.probed[node] = self.probed.get(node, 0) + 1
+        rng = random.Random(f"{self.plan.scenario.seed}:{node}:{self.probed[node]}")
+        to = rng.choice(contacts)
+        fields = {"node": self.plan.names[node], "of": self.plan.names[to]}
+        async with self.locks[node]:
+            if node not in self.up:
+                return
+            try:
+                ms, found = await self.fleet.look_up(node, to)
+            except Exception as error:
+                self.log("lookup_failed", reason=str(error), **fields)
+                return
+        self.record.probes.append((ms, found))
+        self.log("lookup", ms=round(ms, 1), found=found, **fields)
 
     def _online_now(self, event: str, node: int) -> None:
         self.record.downs.setdefault(node, []).append(time.time())

@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "follow": ("contact", "after"),
     "read": ("contact",),
     "status": (),
+    "lookup": ("contact",),
     "stop": (),
 }
 STRING_ARGUMENTS = {"code", "alias", "contact", "text"}
@@ -49,6 +50,7 @@ REQUIRED = {
     "contacts.remove": {"contact"},
     "send": {"contact", "text"},
     "read": {"contact"},
+    "lookup": {"contact"},
 }
 MAX_ERROR = 200  # characters in an error reply
 CAP = 64  # control connections served at once

@@ -193,3 +193,12 @@ def test_a_reachable_contact_gives_its_record_itself(network):
             assert client.request("metrics")["dht_lookups_ms"] == [], daemon.name
         finally:
             client.close()
+    # A lookup asked for (as `pigeon sim` asks) goes to the DHT all the same,
+    # finds Bob's record there, and is counted.
+    client = Client(alice.home)
+    try:
+        probe = client.request("lookup", contact="bob")
+        assert probe["found"] is True and probe["ms"] > 0
+        assert client.request("metrics")["dht_lookups_ms"] == [probe["ms"]]
+    finally:
+        client.close()
