@@ -532,8 +532,9 @@ class Directory:
     async def probe(self, key: bytes) -> tuple[float, bool]:
         """One lookup of a contact's record in the DHT, whatever this node
         holds or is connected to: how long the DHT took (ms, as counted in
-        ``lookup_ms``) and whether a valid copy was found.  For ``pigeon sim`` and monitoring: a node that
-        reaches its contacts directly may otherwise never look one up."""
+        ``lookup_ms``) and whether a valid copy was found.  For ``pigeon
+        sim`` and monitoring: a node that reaches its contacts directly may
+        otherwise never look one up."""
         found = await self._look_up(key)
         return self.lookup_ms[-1], found
 
