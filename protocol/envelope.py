@@ -12,6 +12,7 @@ to a size bucket so lengths leak little.  No I/O here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .crypto import Random, aead_decrypt, aead_encrypt, hkdf, x25519, x25519_keypair
 from .errors import DecryptError, ProtocolError
@@ -54,6 +55,15 @@ class Opened:
     payload: bytes
 
 
+@lru_cache(maxsize=4096)
+def _static_dh(private: bytes, public: bytes) -> bytes:
+    """The static-static DH between an identity and a peer's: the same for
+    every envelope between the two, so worked out once (a refusal of a bad
+    key is never cached).  Held no longer, and no more exposed, than the
+    private key it comes from, which the process holds anyway."""
+    return x25519(private, public)
+
+
 def _sender_keys(ephemeral_dh: bytes, ephemeral_public: bytes, recipient_dh: bytes) -> bytes:
     return hkdf(ephemeral_dh, ephemeral_public + recipient_dh, _SENDER_LAYER, 64)
 
@@ -68,7 +78,7 @@ def seal(sender: IdentityKeyPair, recipient_key: bytes, payload: bytes, random: 
     header = bytes([ENVELOPE_VERSION]) + ephemeral_public
     sealed_sender = aead_encrypt(keys[:32], _NONCE, sender.public_key, header)
     body_key = hkdf(
-        x25519(sender.dh_private, recipient_dh), keys[32:] + sealed_sender, _BODY_LAYER, 32
+        _static_dh(sender.dh_private, recipient_dh), keys[32:] + sealed_sender, _BODY_LAYER, 32
     )
     body = aead_encrypt(body_key, _NONCE, pad(payload), header + sealed_sender)
     return header + sealed_sender + body
@@ -89,6 +99,6 @@ def open_envelope(recipient: IdentityKeyPair, envelope: bytes) -> Opened:
     except ProtocolError:
         raise DecryptError() from None
     body_key = hkdf(
-        x25519(recipient.dh_private, sender_dh), keys[32:] + sealed_sender, _BODY_LAYER, 32
+        _static_dh(recipient.dh_private, sender_dh), keys[32:] + sealed_sender, _BODY_LAYER, 32
     )
     return Opened(sender_key, unpad(aead_decrypt(body_key, _NONCE, body, header + sealed_sender)))
