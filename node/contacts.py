@@ -26,6 +26,7 @@ log = logging.getLogger("pigeon.contacts")
 
 MIN_ID_PREFIX = 6  # hex characters of an identity ID that may name a contact
 VERIFIED_CACHE = 4096  # verified records kept, so a lookup does not check a signature again
+SEEN_EVERY = 30  # seconds between two writes of a contact's last_seen from `saw`
 
 
 # A record older than the signed-prekey rotation is looked up again before a
@@ -107,6 +108,7 @@ class ContactBook:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._verified: OrderedDict[bytes, DirectoryRecord] = OrderedDict()
+        self._seen: dict[bytes, int] = {}  # contact -> last_seen we last wrote
         # label (casefolded) -> identity key, so naming a contact costs the
         # same with a thousand contacts as with one.  Only a hint: every hit
         # is checked against the contact's row, and a miss reads the table.
@@ -373,4 +375,11 @@ class ContactBook:
         return self.get(contact.identity_key)
 
     def saw(self, key: bytes, now: int) -> None:
+        """Note that the contact was in touch.  Written at most every
+        ``SEEN_EVERY`` seconds per contact (shown to the minute): a write
+        after every delivered batch would be a commit, with its fsync, per
+        message."""
+        if now - self._seen.get(key, -SEEN_EVERY) < SEEN_EVERY:
+            return
         self.db.execute("UPDATE contacts SET last_seen = ? WHERE identity_key = ?", (now, key))
+        self._seen[key] = now

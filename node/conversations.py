@@ -163,6 +163,11 @@ class Conversations:
             Introduction: lambda item: False,  # a contact's: we know them already
             Timer: self._on_timer,
         }
+        # Sessions as read and written during one batch of envelopes (base key
+        # -> session), so that a page from a mailbox deserialises each once;
+        # None outside a batch.  Every write goes through ``_save_session``,
+        # which keeps it current; a step rolled back empties it.
+        self._sessions: dict[bytes, Session] | None = None
         # Gives a deposit token for our mailboxes (the node's mailbox owner);
         # each contact gets one, inside the conversation, as messages flow.
         self.issue_token: Callable[[], bytes] | None = None
@@ -233,9 +238,19 @@ class Conversations:
 
     def _active_session(self, key: bytes) -> Session | None:
         row = self.db.one(
-            "SELECT state FROM sessions WHERE identity_key = ? AND active = 1", (key,)
+            "SELECT base_key, state FROM sessions WHERE identity_key = ? AND active = 1", (key,)
         )
-        return None if row is None else Session.deserialize(bytes(row[0]), self.random)
+        return None if row is None else self._session(bytes(row[0]), row[1])
+
+    def _session(self, base_key: bytes, state: bytes) -> Session:
+        """The session stored as ``state``; within a batch, the one already read."""
+        cache = self._sessions
+        if cache is None:
+            return Session.deserialize(bytes(state), self.random)
+        session = cache.get(base_key)
+        if session is None:
+            session = cache[base_key] = Session.deserialize(bytes(state), self.random)
+        return session
 
     def _save_session(self, session: Session, *, active: bool | None = None) -> None:
         if active:
@@ -256,6 +271,8 @@ class Conversations:
                 self.now(),
             ),
         )
+        if self._sessions is not None:
+            self._sessions[session.base_key] = session
 
     def _resend_undelivered(self, key: bytes) -> None:
         """Encrypt every unconfirmed durable message again, in whatever session
@@ -392,6 +409,16 @@ class Conversations:
     def needs_session(self, key: bytes) -> bool:
         """Messages wait to be encrypted and there is no session to do it in."""
         return bool(self._unencrypted(key)) and self._active_session(key) is None
+
+    def encrypt_if_ready(self, key: bytes) -> int:
+        """Encrypt what is queued for the contact now, in the same transaction
+        as the caller's, when there is a session to do it in and the contact
+        has not moved to a new identity (the courier would, one commit
+        later).  How many messages were encrypted."""
+        row = self.db.one("SELECT moved_to FROM contacts WHERE identity_key = ?", (key,))
+        if row is None or row[0] is not None or self.needs_session(key):
+            return 0
+        return self.encrypt_queued(key)
 
     def encrypt_queued(
         self,
@@ -584,43 +611,64 @@ class Conversations:
         session can read, and another try for failed messages to a contact
         who is evidently in touch.
         """
-        results: list[Accepted | PigeonError] = []
         receipts: dict[bytes, list[bytes]] = {}
         unreadable: dict[bytes, int] = {}
         with self.db.transaction():
-            for envelope in envelopes:
-                try:
-                    with self.db.savepoint():
-                        result = self._accept(envelope)
-                except Undecryptable as error:
-                    unreadable[error.sender] = unreadable.get(error.sender, 0) + 1
-                    results.append(error)
-                    continue
-                except RequestRefused as error:
-                    self.requests.count_refused(error.sender)
-                    results.append(error)
-                    continue
-                except PigeonError as error:
-                    results.append(error)
-                    continue
-                results.append(result)
-                if result.stranger:
-                    continue  # nothing goes back before the request is accepted
-                if result.new and result.app is not None:
-                    self.db.execute(
-                        "UPDATE messages SET via = ? WHERE id = ? AND direction = 'in'",
-                        (via, result.app.message_id),
-                    )
-                if result.app is not None and is_durable(result.app.content):
-                    receipts.setdefault(result.sender, []).append(result.app.message_id)
+            self._sessions = {}
+            try:
+                results = self._accept_each(envelopes, receipts, unreadable, via)
+            finally:
+                self._sessions = None
             for sender, ids in receipts.items():
                 self.send(sender, Receipt(ReceiptType.DELIVERED, tuple(ids)))
+                self.encrypt_if_ready(sender)
             for sender in {
                 r.sender for r in results if isinstance(r, Accepted) and r.new and not r.stranger
             }:
                 self.retry_failed(sender)
             for sender, count in unreadable.items():
                 self._ask_for_reset(sender, count)
+        return results
+
+    def _accept_each(
+        self,
+        envelopes: list[bytes],
+        receipts: dict[bytes, list[bytes]],
+        unreadable: dict[bytes, int],
+        via: str,
+    ) -> list[Accepted | PigeonError]:
+        results: list[Accepted | PigeonError] = []
+        for envelope in envelopes:
+            try:
+                try:
+                    with self.db.savepoint():
+                        result = self._accept(envelope)
+                except BaseException:
+                    # Rolled back: a session read or advanced in the step may
+                    # now be ahead of the database.
+                    self._sessions = {}
+                    raise
+            except Undecryptable as error:
+                unreadable[error.sender] = unreadable.get(error.sender, 0) + 1
+                results.append(error)
+                continue
+            except RequestRefused as error:
+                self.requests.count_refused(error.sender)
+                results.append(error)
+                continue
+            except PigeonError as error:
+                results.append(error)
+                continue
+            results.append(result)
+            if result.stranger:
+                continue  # nothing goes back before the request is accepted
+            if result.new and result.app is not None:
+                self.db.execute(
+                    "UPDATE messages SET via = ? WHERE id = ? AND direction = 'in'",
+                    (via, result.app.message_id),
+                )
+            if result.app is not None and is_durable(result.app.content):
+                receipts.setdefault(result.sender, []).append(result.app.message_id)
         return results
 
     def _accept(self, envelope: bytes) -> Accepted:
@@ -671,7 +719,7 @@ class Conversations:
                 (header.base_key, sender),
             )
             if row is not None:
-                session = Session.deserialize(bytes(row[0]), self.random)
+                session = self._session(header.base_key, row[0])
                 plaintext = session.decrypt(incoming)
                 self._save_session(session)
                 return plaintext, session.base_key, False
@@ -697,12 +745,12 @@ class Conversations:
             self._save_session(session, active=not we_win)
             return plaintext, session.base_key, True
         rows = self.db.all(
-            "SELECT state FROM sessions WHERE identity_key = ?"
+            "SELECT base_key, state FROM sessions WHERE identity_key = ?"
             " ORDER BY active DESC, updated_at DESC",
             (sender,),
         )
-        for (state,) in rows:
-            session = Session.deserialize(bytes(state), self.random)
+        for base_key, state in rows:
+            session = self._session(bytes(base_key), state)
             try:
                 plaintext = session.decrypt(incoming)
             except DecryptError:

@@ -412,9 +412,12 @@ class Node:
                 f"{contact.label} is blocked: nothing goes to them (pigeon unblock"
                 f" {contact.identity_id[:8]} first)"
             )
-        app = self.conversations.send_text(contact.identity_key, text)
-        if contact.moved_to is not None:
-            self.conversations.note_waiting(contact.identity_key, KEY_CHANGE_WAIT)
+        with self.db.transaction():  # queued and, with a session, encrypted: one commit
+            app = self.conversations.send_text(contact.identity_key, text)
+            if contact.moved_to is not None:
+                self.conversations.note_waiting(contact.identity_key, KEY_CHANGE_WAIT)
+            else:
+                self.conversations.encrypt_if_ready(contact.identity_key)
         self.courier.wake(contact.identity_key, now=True)
         return app
 

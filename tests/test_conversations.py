@@ -21,6 +21,7 @@ from pigeon.protocol import (
     IdentityKeyPair,
     LocalProtocolError,
     PigeonError,
+    Text,
 )
 
 
@@ -175,6 +176,35 @@ def test_a_bad_envelope_in_a_batch_leaves_no_trace_and_spares_the_rest(pair):
     results = bob.accept_envelopes([bytes(bad), good])
     assert isinstance(results[0], DecryptError)
     assert texts(bob) == ["good"]
+
+
+def test_a_step_rolled_back_in_a_batch_leaves_its_message_readable_later(pair):
+    """A batch reads each session once and keeps it across the envelopes;
+    when one envelope's step is rolled back after its decryption (here its
+    handler fails once), the session goes back with it, so the same
+    envelope, delivered again, is read."""
+    alice, bob, _ = pair
+    b_key = bob.identity.public_key
+    for text in ("one", "two", "three"):
+        alice.send_text(b_key, text)
+    alice.encrypt_queued(b_key, record_of(bob))
+    envelopes = [e for _, e in alice.pending_envelopes(b_key)]
+    store_text = bob._handlers[Text]
+    failures = ["two"]
+
+    def fails_once(item):
+        if item.app.content.text in failures:
+            failures.remove(item.app.content.text)
+            raise PigeonError("the disk is full")
+        return store_text(item)
+
+    bob._handlers[Text] = fails_once
+    results = bob.accept_envelopes(envelopes)
+    assert [isinstance(r, PigeonError) for r in results][-3:] == [False, True, False]
+    assert texts(bob) == ["one", "three"]
+    (again,) = bob.accept_envelopes([envelopes[-2]])
+    assert not isinstance(again, PigeonError), again
+    assert sorted(texts(bob)) == ["one", "three", "two"]
 
 
 def test_simultaneous_start_converges_on_one_session(pair):
