@@ -113,6 +113,7 @@ class Incoming:
     app: AppMessage
     session: bytes  # the base key of the session it arrived in
     new_session: bool  # the sender started that session with this message
+    via: str = "direct"  # how it came: "direct" or "mailbox"
 
 
 @dataclass(frozen=True)
@@ -638,11 +639,12 @@ class Conversations:
         via: str,
     ) -> list[Accepted | PigeonError]:
         results: list[Accepted | PigeonError] = []
+        seen: dict[bytes, int] = {}  # contact -> the highest lamport it sent
         for envelope in envelopes:
             try:
                 try:
                     with self.db.savepoint():
-                        result = self._accept(envelope)
+                        result = self._accept(envelope, via)
                 except BaseException:
                     # Rolled back: a session read or advanced in the step may
                     # now be ahead of the database.
@@ -662,16 +664,22 @@ class Conversations:
             results.append(result)
             if result.stranger:
                 continue  # nothing goes back before the request is accepted
-            if result.new and result.app is not None:
-                self.db.execute(
-                    "UPDATE messages SET via = ? WHERE id = ? AND direction = 'in'",
-                    (via, result.app.message_id),
-                )
-            if result.app is not None and is_durable(result.app.content):
+            if result.app is None:
+                continue
+            # The contact was in touch, and our clock passes theirs: once per
+            # contact and batch (before the receipts take a lamport).
+            seen[result.sender] = max(seen.get(result.sender, 0), result.app.lamport)
+            if is_durable(result.app.content):
                 receipts.setdefault(result.sender, []).append(result.app.message_id)
+        for sender, lamport in seen.items():
+            self.db.execute(
+                "UPDATE contacts SET last_seen = ?, lamport = max(lamport, ?)"
+                " WHERE identity_key = ?",
+                (self.now(), lamport, sender),
+            )
         return results
 
-    def _accept(self, envelope: bytes) -> Accepted:
+    def _accept(self, envelope: bytes, via: str) -> Accepted:
         envelope_digest = digest(envelope)
         if self.db.one("SELECT 1 FROM received_envelopes WHERE digest = ?", (envelope_digest,)):
             return Accepted(b"", None, new=False)
@@ -701,11 +709,7 @@ class Conversations:
             log.info("ignored a message of kind %s", type(app.content).__name__)
             new = True
         else:
-            new = handler(Incoming(sender, app, session, new_session))
-        self.db.execute(
-            "UPDATE contacts SET last_seen = ?, lamport = max(lamport, ?) WHERE identity_key = ?",
-            (self.now(), app.lamport, sender),
-        )
+            new = handler(Incoming(sender, app, session, new_session, via))
         return Accepted(sender, app, new)
 
     def _decrypt(self, sender: bytes, incoming: IncomingMessage) -> tuple[bytes, bytes, bool]:
@@ -877,7 +881,8 @@ class Conversations:
             return False  # its time was up on the way (in a mailbox, say): never shown
         self.db.execute(
             "INSERT INTO messages (id, contact, direction, text, lamport, sent_at,"
-            " received_at, status, expires_at) VALUES (?, ?, 'in', ?, ?, ?, ?, 'received', ?)",
+            " received_at, status, expires_at, via)"
+            " VALUES (?, ?, 'in', ?, ?, ?, ?, 'received', ?, ?)",
             (
                 item.app.message_id,
                 item.sender,
@@ -886,6 +891,7 @@ class Conversations:
                 item.app.sent_at_ms,
                 self.now_ms(),
                 expires_at,
+                item.via,
             ),
         )
         return True
