@@ -63,6 +63,7 @@ log = logging.getLogger("pigeon.directory")
 LOOKUP_TIMEOUT = 10.0
 LOOKUP_AT_ONCE = 5  # closest peers asked for the record together
 LOOKUP_COPIES = 3  # copies from peers after which a lookup asks no more of them
+LOOKUP_FALLBACK = 20  # peers of the routing table asked when the walk does not end
 # A contact's record is looked up in the DHT at most this often while the one
 # we hold is current: a courier retrying an offline contact, and everything
 # else that wants the record meanwhile, is answered from what we hold.
@@ -231,9 +232,17 @@ async def lookup(dht: KadDHT, identity_key: bytes) -> list[bytes]:
         except Exception as error:  # a peer's failure is not ours
             log.debug("lookup at %s failed: %s", peer, error)
 
-    with trio.move_on_after(LOOKUP_TIMEOUT):
+    deadline = trio.current_time() + LOOKUP_TIMEOUT
+    peers: list[ID] = []
+    # The walk to the closest peers gets half the time.  A walk that does not
+    # end (a node just started, a busy network) still leaves the closest
+    # peers we know, and those may hold the record: they are asked instead.
+    with trio.move_on_after(LOOKUP_TIMEOUT / 2):
         peers = await dht.peer_routing.find_closest_peers_network(key_bytes)
-        peers = [peer for peer in peers if peer != dht.local_peer_id]
+    if not peers:
+        peers = dht.routing_table.find_local_closest_peers(key_bytes, LOOKUP_FALLBACK)
+    peers = [peer for peer in peers if peer != dht.local_peer_id]
+    with trio.move_on_at(deadline):
         for start in range(0, len(peers), LOOKUP_AT_ONCE):
             async with trio.open_nursery() as nursery:
                 for peer in peers[start : start + LOOKUP_AT_ONCE]:

@@ -254,7 +254,7 @@ class Runner:
             async with self.locks[arg]:
                 await self._start(arg)
             self.log("online", node=self.plan.names[arg], online=len(self.up))
-            await self._probe(arg)
+            await self._probe(arg, "back online")
         elif kind == "kill":
             async with self.locks[arg]:
                 self.up.discard(arg)
@@ -271,7 +271,7 @@ class Runner:
                 self.record.split = (self.record.split[0], time.time())
             self.log("heal")
 
-    async def _probe(self, node: int) -> None:
+    async def _probe(self, node: int, when: str = "start") -> None:
         """Time a DHT lookup of one of the node's contacts (chosen from the
         seed): the nodes themselves look records up only when they cannot
         ask the contact directly, which may be never in a run."""
@@ -282,7 +282,7 @@ class Runner:
         self.probed[node] = self.probed.get(node, 0) + 1
         rng = random.Random(f"{self.plan.scenario.seed}:{node}:{self.probed[node]}")
         to = rng.choice(contacts)
-        fields = {"node": self.plan.names[node], "of": self.plan.names[to]}
+        fields = {"node": self.plan.names[node], "of": self.plan.names[to], "when": when}
         async with self.locks[node]:
             if node not in self.up:
                 return

@@ -443,6 +443,62 @@ def test_a_record_published_by_two_nodes_reaches_the_closest_peers_as_the_networ
     trio.run(main)
 
 
+def test_a_lookup_whose_walk_does_not_end_asks_the_closest_peers_it_knows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node just back online, or on a busy network, may not finish the walk
+    to the closest peers in time; the peers its routing table already holds
+    are asked all the same, and one of them has the record.  Before, such a
+    lookup found nothing after its whole 10 s (seen in the churn simulation)."""
+    from pigeon.node import directory
+    from pigeon.protocol import dht_key
+
+    monkeypatch.setattr(directory, "LOOKUP_TIMEOUT", 4.0)
+
+    def node(name: str, bootstrap: Node | None) -> Node:
+        db = Database.create(tmp_path / name, "pw", fast_kdf=True)
+        Conversations.initialise(db, name, os.urandom)
+        config = NodeConfig(
+            bootstrap=[bootstrap.addresses[0]] if bootstrap else [],
+            announce_presence=False,
+            mailbox_count=0,
+        )
+        return Node(db, config)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            stops: list[trio.Event] = []
+
+            async def start(name: str, bootstrap: Node | None) -> Node:
+                started = node(name, bootstrap)
+                stops.append(trio.Event())
+                await nursery.start(_run_node, started, stops[-1], trio.Event())
+                return started
+
+            a = await start("a", None)
+            b = await start("b", a)
+            key = b.conversations.identity.public_key
+            with trio.fail_after(20):  # b's record, published to a
+                while a.dht.value_store.get(dht_key(key).encode()) is None:
+                    await trio.sleep(0.2)
+            c = await start("c", a)
+            c.dht.value_store.remove(dht_key(key).encode())  # only a peer's copy counts
+
+            async def walk_for_ever(key_bytes: bytes) -> list[ID]:
+                await trio.sleep_forever()
+                return []
+
+            monkeypatch.setattr(c.dht.peer_routing, "find_closest_peers_network", walk_for_ever)
+            started = trio.current_time()
+            copies = await directory.lookup(c.dht, key)
+            assert copies, "the peers c knows were not asked"
+            assert trio.current_time() - started < 4.5
+            for stop in stops:
+                stop.set()
+
+    trio.run(main)
+
+
 class Connection:
     """What py-libp2p's pruner reads of a connection."""
 
