@@ -416,10 +416,14 @@ class Conversations:
         as the caller's, when there is a session to do it in and the contact
         has not moved to a new identity (the courier would, one commit
         later).  How many messages were encrypted."""
-        row = self.db.one("SELECT moved_to FROM contacts WHERE identity_key = ?", (key,))
-        if row is None or row[0] is not None or self.needs_session(key):
+        row = self.db.one(
+            "SELECT moved_to, EXISTS (SELECT 1 FROM sessions s WHERE s.identity_key ="
+            " contacts.identity_key AND s.active = 1) FROM contacts WHERE identity_key = ?",
+            (key,),
+        )
+        if row is None or row[0] is not None or not row[1]:
             return 0
-        return self.encrypt_queued(key)
+        return self.encrypt_queued(key)  # reads the session once
 
     def encrypt_queued(
         self,

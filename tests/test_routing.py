@@ -361,6 +361,18 @@ def test_providers_are_found_at_the_closest_peers_of_a_real_dht() -> None:
     trio.run(main)
 
 
+def _dht_node(root: Path, name: str, bootstrap: Node | None) -> Node:
+    """A node that only takes part in the DHT: no presence, no mailboxes."""
+    db = Database.create(root / name, "pw", fast_kdf=True)
+    Conversations.initialise(db, name, os.urandom)
+    config = NodeConfig(
+        bootstrap=[bootstrap.addresses[0]] if bootstrap else [],
+        announce_presence=False,
+        mailbox_count=0,
+    )
+    return Node(db, config)
+
+
 async def _run_node(
     node: Node, stop: trio.Event, ended: trio.Event, task_status: Any = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -388,16 +400,6 @@ def test_a_record_published_by_two_nodes_reaches_the_closest_peers_as_the_networ
     monkeypatch.setattr(directory, "SPREAD_AFTER", 0.5)
     monkeypatch.setattr(directory, "SPREAD_GAP", 2.0)
 
-    def node(name: str, bootstrap: Node | None) -> Node:
-        db = Database.create(tmp_path / name, "pw", fast_kdf=True)
-        Conversations.initialise(db, name, os.urandom)
-        config = NodeConfig(
-            bootstrap=[bootstrap.addresses[0]] if bootstrap else [],
-            announce_presence=False,
-            mailbox_count=0,
-        )
-        return Node(db, config)
-
     def holders(nodes: list[Node], of: Node) -> int:
         key = dht_key(of.conversations.identity.public_key).encode()
         return sum(n.dht.value_store.get(key) is not None for n in nodes)
@@ -408,7 +410,7 @@ def test_a_record_published_by_two_nodes_reaches_the_closest_peers_as_the_networ
             ended: dict[Node, trio.Event] = {}
 
             async def start(name: str, bootstrap: Node | None) -> Node:
-                started = node(name, bootstrap)
+                started = _dht_node(tmp_path, name, bootstrap)
                 stops[started], ended[started] = trio.Event(), trio.Event()
                 await nursery.start(_run_node, started, stops[started], ended[started])
                 return started
@@ -455,22 +457,12 @@ def test_a_lookup_whose_walk_does_not_end_asks_the_closest_peers_it_knows(
 
     monkeypatch.setattr(directory, "LOOKUP_TIMEOUT", 4.0)
 
-    def node(name: str, bootstrap: Node | None) -> Node:
-        db = Database.create(tmp_path / name, "pw", fast_kdf=True)
-        Conversations.initialise(db, name, os.urandom)
-        config = NodeConfig(
-            bootstrap=[bootstrap.addresses[0]] if bootstrap else [],
-            announce_presence=False,
-            mailbox_count=0,
-        )
-        return Node(db, config)
-
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             stops: list[trio.Event] = []
 
             async def start(name: str, bootstrap: Node | None) -> Node:
-                started = node(name, bootstrap)
+                started = _dht_node(tmp_path, name, bootstrap)
                 stops.append(trio.Event())
                 await nursery.start(_run_node, started, stops[-1], trio.Event())
                 return started
