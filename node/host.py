@@ -335,7 +335,9 @@ async def _connect_from(
     dial is cancelled; this one closes it whatever happens.
     """
     try:
-        family, ip, port = _socket_address(multiaddr.Multiaddr("/".join(str(maddr).split("/")[:5])))
+        family, ip, peer_port = _socket_address(
+            multiaddr.Multiaddr("/".join(str(maddr).split("/")[:5]))
+        )
     except ValueError as error:
         raise OpenConnectionError(f"Failed to open TCP stream to {maddr}: {error}") from error
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
@@ -344,7 +346,7 @@ async def _connect_from(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         await sock.bind((source, port))
-        await sock.connect((ip, port))
+        await sock.connect((ip, peer_port))
     except OSError as error:
         sock.close()
         raise OpenConnectionError(f"Failed to open TCP stream to {maddr}: {error}") from error

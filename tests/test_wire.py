@@ -125,3 +125,34 @@ def test_reads_give_window_back_in_halves_not_a_frame_per_read() -> None:
     # 1 MiB through 256 KiB windows: about one update per 128 KiB, not one
     # per read (300 single-byte reads alone would have been 300).
     assert 4 <= len(updates) <= 16, updates
+
+
+def test_a_dial_from_a_source_address_leaves_from_the_port_it_was_given() -> None:
+    """A dial from a source address leaves from an ephemeral port unless a
+    port is given (a hole punch leaves from our listening port), never from
+    the peer's port: that tied every dial to one four-tuple, so dialling a
+    peer again while the last connection to it was in TIME_WAIT failed, and
+    a hole punch left from a port the NAT had not mapped."""
+
+    async def main() -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        peer_port = listeners[0].socket.getsockname()[1]
+        target = Multiaddr(f"/ip4/127.0.0.1/tcp/{peer_port}")
+        ours = trio.socket.socket()
+        ours.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        ours.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+        await ours.bind(("127.0.0.1", 0))
+        ours.listen()
+        our_port = ours.getsockname()[1]
+        for _ in range(2):  # the second while the first is in TIME_WAIT
+            stream = await host._connect_from(target, "127.0.0.1")
+            assert stream.socket.getsockname()[1] not in (peer_port, our_port)
+            await stream.aclose()
+        stream = await host._connect_from(target, "127.0.0.1", our_port)
+        assert stream.socket.getsockname()[1] == our_port
+        await stream.aclose()
+        ours.close()
+        for listener in listeners:
+            await listener.aclose()
+
+    trio.run(main)
