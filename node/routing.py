@@ -49,6 +49,8 @@ VERIFIED_ENVELOPES = 4096
 # announces itself to the 20 closest, so those are all that are asked.
 PROVIDERS_AT_ONCE = 5
 PROVIDERS_TIMEOUT = 5.0  # seconds for one peer's answer
+PROVIDERS_SEARCH = 20.0  # seconds for a whole search; what was found by then is kept
+PROVIDERS_FALLBACK = 20  # peers of the routing table asked when the walk does not end
 
 
 class RoutingUpkeep:
@@ -119,7 +121,10 @@ async def find_providers(dht: KadDHT, key: bytes, enough: int) -> list[PeerInfo]
     until ``enough`` distinct ones are known, or a few more peers named no
     new one (each of the closest holds every provider's announcement), or
     all the closest were asked.  At most one lookup and 20 requests (10 in a
-    settled network), whatever the size of the network."""
+    settled network), whatever the size of the network, and PROVIDERS_SEARCH
+    seconds: what was found by then is returned.  As in ``lookup``, the walk
+    to the closest peers gets half the time, and a walk that does not end
+    leaves the closest peers of our routing table to ask."""
     found: dict[ID, PeerInfo] = {}
 
     def add(providers: list[PeerInfo]) -> None:
@@ -140,13 +145,19 @@ async def find_providers(dht: KadDHT, key: bytes, enough: int) -> list[PeerInfo]
 
     if len(found) >= enough:
         return list(found.values())
-    peers = await dht.peer_routing.find_closest_peers_network(key)
+    deadline = trio.current_time() + PROVIDERS_SEARCH
+    peers: list[ID] = []
+    with trio.move_on_after(PROVIDERS_SEARCH / 2):
+        peers = await dht.peer_routing.find_closest_peers_network(key)
+    if not peers:
+        peers = dht.routing_table.find_local_closest_peers(key, PROVIDERS_FALLBACK)
     peers = [peer for peer in peers if peer != dht.local_peer_id]
-    for start in range(0, len(peers), PROVIDERS_AT_ONCE):
-        known = len(found)
-        async with trio.open_nursery() as nursery:
-            for peer in peers[start : start + PROVIDERS_AT_ONCE]:
-                nursery.start_soon(ask, peer)
-        if len(found) >= enough or (start and len(found) == known):
-            break
+    with trio.move_on_at(deadline):
+        for start in range(0, len(peers), PROVIDERS_AT_ONCE):
+            known = len(found)
+            async with trio.open_nursery() as nursery:
+                for peer in peers[start : start + PROVIDERS_AT_ONCE]:
+                    nursery.start_soon(ask, peer)
+            if len(found) >= enough or (start and len(found) == known):
+                break
     return list(found.values())

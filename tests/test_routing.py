@@ -270,16 +270,23 @@ class ProviderNetwork:
     """Stands in for a DHT: 20 peers closest to the key, each naming the
     providers it was told of; our own store holds an old copy."""
 
-    def __init__(self, named: list[PeerInfo], kept: list[PeerInfo]) -> None:
+    def __init__(self, named: list[PeerInfo], kept: list[PeerInfo], stuck: bool = False) -> None:
         self.local_peer_id = peer(0)
         self.asked: list[ID] = []
         self.named = named
         self.kept = kept
+        self.stuck = stuck  # the walk to the closest peers never ends
         self.peer_routing = self
         self.provider_store = self
+        self.routing_table = self
 
     async def find_closest_peers_network(self, key: bytes) -> list[ID]:
+        if self.stuck:
+            await trio.sleep_forever()
         return [peer(i) for i in range(1, 21)]
+
+    def find_local_closest_peers(self, key: bytes, count: int) -> list[ID]:
+        return [peer(i) for i in range(1, 21)][:count]
 
     def get_providers(self, key: bytes) -> list[PeerInfo]:
         return self.kept
@@ -317,6 +324,26 @@ def test_providers_are_asked_of_the_closest_peers_and_only_of_a_few() -> None:
     network = ProviderNetwork([], [old, new])
     assert len(trio.run(find_providers, network, b"key", 2)) == 2
     assert network.asked == []
+
+
+def test_a_provider_search_whose_walk_does_not_end_asks_the_closest_peers_it_knows() -> None:
+    """A search has a time limit of its own, and a walk that does not end in
+    half of it leaves the closest peers of our routing table to ask: the
+    providers they name are found in time.  (Before, the walk took the
+    owner's whole 20 s, and the search failed with nothing found.)"""
+    from pigeon.node.routing import PROVIDERS_SEARCH, find_providers
+
+    address = [Multiaddr("/ip4/127.0.0.1/tcp/4001")]
+    box = PeerInfo(peer(50), address)
+    network = ProviderNetwork([box], [], stuck=True)
+
+    async def main() -> None:
+        started = trio.current_time()
+        found = await find_providers(network, b"key", 3)  # type: ignore[arg-type]
+        assert [info.peer_id for info in found] == [box.peer_id]
+        assert trio.current_time() - started <= PROVIDERS_SEARCH
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 def test_providers_are_found_at_the_closest_peers_of_a_real_dht() -> None:
@@ -361,16 +388,13 @@ def test_providers_are_found_at_the_closest_peers_of_a_real_dht() -> None:
     trio.run(main)
 
 
-def _dht_node(root: Path, name: str, bootstrap: Node | None) -> Node:
-    """A node that only takes part in the DHT: no presence, no mailboxes."""
+def _dht_node(root: Path, name: str, bootstrap: Node | None, **config: Any) -> Node:
+    """A node that only takes part in the DHT (no presence, no mailboxes),
+    unless ``config`` says otherwise."""
     db = Database.create(root / name, "pw", fast_kdf=True)
     Conversations.initialise(db, name, os.urandom)
-    config = NodeConfig(
-        bootstrap=[bootstrap.addresses[0]] if bootstrap else [],
-        announce_presence=False,
-        mailbox_count=0,
-    )
-    return Node(db, config)
+    settings: dict[str, Any] = {"announce_presence": False, "mailbox_count": 0, **config}
+    return Node(db, NodeConfig(bootstrap=[bootstrap.addresses[0]] if bootstrap else [], **settings))
 
 
 async def _run_node(
@@ -485,6 +509,55 @@ def test_a_lookup_whose_walk_does_not_end_asks_the_closest_peers_it_knows(
             copies = await directory.lookup(c.dht, key)
             assert copies, "the peers c knows were not asked"
             assert trio.current_time() - started < 4.5
+            for stop in stops:
+                stop.set()
+
+    trio.run(main)
+
+
+def test_an_owner_proves_its_registration_once_for_every_mailbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registering costs a proof of work that binds only the owner's mailbox
+    key, so it is done once and kept: a second mailbox, and a mailbox
+    registered with again, cost none.  (In a simulation every node's proofs
+    queue on one worker; three each held the timeline back for minutes.)"""
+    from pigeon.node import mailbox_owner
+
+    proofs: list[bytes] = []
+    prove = mailbox_owner.prove
+
+    async def counted(*args: Any) -> bytes:
+        work = await prove(*args)
+        proofs.append(work)
+        return work
+
+    monkeypatch.setattr(mailbox_owner, "prove", counted)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            stops: list[trio.Event] = []
+
+            async def start(name: str, bootstrap: Node | None, **config: Any) -> Node:
+                started = _dht_node(tmp_path, name, bootstrap, **config)
+                stops.append(trio.Event())
+                await nursery.start(_run_node, started, stops[-1], trio.Event())
+                return started
+
+            a = await start("a", None, serve_mailbox=True)
+            await start("b", a, serve_mailbox=True)
+            owner = await start("owner", a, mailbox_count=2, mailbox_interval=1.0)
+            with trio.fail_after(30):
+                while len(owner.owner.my_mailboxes()) < 2:
+                    await trio.sleep(0.2)
+            assert len(proofs) == 1
+            with owner.db.transaction():  # both forget us: we register again
+                owner.db.execute("DELETE FROM my_mailboxes")
+            owner.owner.collect_now.set()
+            with trio.fail_after(30):
+                while len(owner.owner.my_mailboxes()) < 2:
+                    await trio.sleep(0.2)
+            assert len(proofs) == 1
             for stop in stops:
                 stop.set()
 
