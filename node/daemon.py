@@ -3,6 +3,7 @@ SIGTERM, then shut down cleanly (listeners closed, tasks cancelled)."""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import signal
@@ -26,6 +27,7 @@ from pigeon.protocol import (
 )
 
 from . import control
+from .addresses import default_listen
 from .backup import restored_notice
 from .contacts import Contact
 from .host import quiet_libp2p_logs
@@ -535,6 +537,8 @@ async def run(home: Path, passphrase: str, config: NodeConfig) -> None:
 
 
 async def _serve(home: Path, db: Database, config: NodeConfig) -> None:
+    if not config.listen:  # no --listen: every interface, on this node's own port
+        config = dataclasses.replace(config, listen=default_listen(db))
     node = Node(db, config)
     stop = trio.Event()
     async with node.running(), trio.open_nursery() as nursery:

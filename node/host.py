@@ -447,7 +447,14 @@ CONNECTIONS_LOW = 8
 CONNECTIONS_HIGH = 32
 
 
-def build_host(device_seed: bytes, listen: list[str], wire: Wire | None = None) -> IHost:
+def build_host(
+    device_seed: bytes,
+    listen: list[str],
+    wire: Wire | None = None,
+    told: Callable[[], list[str]] | None = None,
+) -> IHost:
+    """``told``: the addresses identify gives peers (without ``/p2p``),
+    in place of what the host listens on and what peers say they saw."""
     key_pair = create_new_key_pair(device_seed)
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     return new_host(
@@ -461,6 +468,7 @@ def build_host(device_seed: bytes, listen: list[str], wire: Wire | None = None) 
         ),
         listen_addrs=listen_addresses(listen),
         transports=[_WireTCP(wire or Wire())],
+        addrs_factory=None if told is None else lambda _: [multiaddr.Multiaddr(a) for a in told()],
     )
 
 

@@ -79,6 +79,8 @@ PRESENCE_STREAMS = StreamLimit(per_peer=2, total=32)
 MAILBOX_STREAMS = StreamLimit(per_peer=16, total=128)
 # A contact asks for our record now and then, one request at a time.
 RECORD_STREAMS = StreamLimit(per_peer=2, total=32)
+# A peer asks whether we can reach it about twice an hour (reach.py).
+DIALBACK_STREAMS = StreamLimit(per_peer=1, total=8)
 # A mailbox sends an owner at most one notice per 0.2 s.
 NOTIFY_STREAMS = StreamLimit(per_peer=4, total=32)
 

@@ -49,12 +49,14 @@ from pigeon.protocol import (
 from pigeon.protocol.frames import AckStatus
 from pigeon.protocol.records import Device, MailboxEntry
 
+from .addresses import published
 from .contacts import KEY_CHANGE_WAIT, Contact
 from .conversations import Accepted, Conversations
 from .delivery import ENVELOPE_PROTOCOL, Courier, EnvelopeService
 from .directory import DHT_PROTOCOL, RECORD_PROTOCOL, Directory, guard_dht, make_dht_validator
 from .host import Wire, build_host, check_listening, close_host
 from .limits import (
+    DIALBACK_STREAMS,
     ENVELOPE_STREAMS,
     MAILBOX_STREAMS,
     NOTIFY_STREAMS,
@@ -67,6 +69,7 @@ from .mailbox import MAILBOX_PROTOCOL, NOTIFY_PROTOCOL, MailboxPeer
 from .mailbox_owner import MailboxOwner
 from .mailbox_store import MailboxLimits, MailboxStore
 from .presence import PRESENCE_PROTOCOL, PresenceService
+from .reach import DIALBACK_PROTOCOL, DialbackService, Reachability
 from .routing import RoutingUpkeep, remember_verified_envelopes
 from .storage import Database
 from .transfers import Transfers
@@ -111,13 +114,15 @@ class Node:
         self.conversations = conv = Conversations(db, random, clock)
         self.contacts = conv.contacts
         self.wire = config.wire or Wire()
-        self.host: IHost = build_host(conv.device_seed, config.listen, self.wire)
+        self.host: IHost = build_host(conv.device_seed, config.listen, self.wire, self._told)
         self.dht = KadDHT(self.host, DHTMode.SERVER, strict_validation=True)
         make_dht_validator(self.dht, clock)
         RoutingUpkeep(self.dht, random).install()
         remember_verified_envelopes()
         # Before the host runs, so that no stream reaches the library's own handler.
         self.host.set_stream_handler(DHT_PROTOCOL, self._guarded(guard_dht(self.dht)))
+        self.dialback = DialbackService(self.host)
+        self.reach = Reachability(self.host, self._listen_port, self._local_only)
         self.started = clock()
         self.stats = {"received": 0, "sent": 0, "refused": 0, "deposited": 0}
         self._nursery: trio.Nursery | None = None
@@ -199,6 +204,7 @@ class Node:
                 PRESENCE_PROTOCOL: (self.presence.handle, PRESENCE_STREAMS),
                 NOTIFY_PROTOCOL: (self.owner.handle_notice, NOTIFY_STREAMS),
                 RECORD_PROTOCOL: (self.directory.handle_record, RECORD_STREAMS),
+                DIALBACK_PROTOCOL: (self.dialback.handle, DIALBACK_STREAMS),
             }
             if self.mailbox is not None:
                 handlers[MAILBOX_PROTOCOL] = (self.mailbox.service.handle, MAILBOX_STREAMS)
@@ -223,6 +229,8 @@ class Node:
             self.spawn(self.courier.run)
             self.spawn(self.owner.run)
             self.spawn(self._expire_messages)
+            self.spawn(self.reach.run)
+            self.spawn(self._republish_on_reachability)
             if self.mailbox is not None:
                 self.spawn(self.mailbox.run)
             try:
@@ -278,7 +286,29 @@ class Node:
 
     @property
     def addresses(self) -> list[str]:
+        """Where others can reach us (``addresses.py``), each with ``/p2p``."""
         return [str(a) for a in self.host.get_addrs()]
+
+    def _told(self) -> list[str]:
+        host = getattr(self, "host", None)  # asked once while the host is being built
+        if host is None:
+            return []
+        return published(host.get_transport_addrs()) + self.reach.public
+
+    def _listen_port(self) -> int | None:
+        ports = [int(str(a).split("/")[4]) for a in self.host.get_transport_addrs()]
+        return ports[0] if ports else None
+
+    def _local_only(self) -> bool:
+        """Listening on loopback addresses only, by name."""
+        hosts = [ipaddress.ip_address(str(a).split("/")[2]) for a in self.config.listen]
+        return all(ip.is_loopback for ip in hosts)
+
+    async def _republish_on_reachability(self) -> None:
+        """Others learn a newly found public address (or its loss) at once."""
+        while True:
+            await self.reach.changed.wait()
+            self.directory.republish()
 
     def contact_code(self) -> str:
         conv = self.conversations
@@ -480,6 +510,8 @@ class Node:
             "identity_id": self.conversations.identity.identity_id.hex(),
             "peer_id": str(self.host.get_id()),
             "addresses": self.addresses,
+            "reachability": self.reach.state,
+            "reachability_why": self.reach.reason,
             "uptime_s": round(self.clock() - self.started, 1),
             "connections": len(self.host.get_network().connections),
             "dht_peers": self.dht.get_routing_table_size(),

@@ -25,6 +25,8 @@ MAX_PRESENCE_FRAME = 16
 MAX_NOTICE_FRAME = 64
 MAX_RECORD_REQUEST_FRAME = 32
 MAX_RECORD_ANSWER_FRAME = MAX_RECORD_SIZE + 16
+MAX_DIALBACK_FRAME = 96
+MAX_OBSERVED = 64  # "/ip6/" and the longest IPv6 address, "/tcp/" and a port
 
 
 class AckStatus(IntEnum):
@@ -136,6 +138,39 @@ class RecordRequest:
     @classmethod
     def decode(cls, data: bytes) -> RecordRequest:
         return cls(Fields(data).bytes_(1, size=IDENTITY_ID_SIZE))
+
+
+@dataclass(frozen=True)
+class DialbackRequest:
+    """ "Connect back to me on this TCP port, at the address you see me at"
+    (docs/NETWORK.md)."""
+
+    port: int
+
+    def encode(self) -> bytes:
+        return Writer().uint(1, self.port).finish()
+
+    @classmethod
+    def decode(cls, data: bytes) -> DialbackRequest:
+        return cls(Fields(data).uint(1, default=None, maximum=65535))
+
+
+@dataclass(frozen=True)
+class DialbackAnswer:
+    """Where the asker's connection came from, and whether a new connection
+    to that address and the asked port reached the asker's own peer ID."""
+
+    observed: str
+    reached: bool
+
+    def encode(self) -> bytes:
+        return Writer().text(1, self.observed).uint(2, int(self.reached)).finish()
+
+    @classmethod
+    def decode(cls, data: bytes) -> DialbackAnswer:
+        fields = Fields(data)
+        observed = fields.text(1, max_size=MAX_OBSERVED)
+        return cls(observed, bool(fields.uint(2, maximum=1)))
 
 
 @dataclass(frozen=True)

@@ -67,11 +67,13 @@ class Daemon:
         name: str,
         bootstrap: list[str] | None = None,
         extra: list[str] | None = None,
+        prefix: list[str] | None = None,
     ) -> None:
         self.home = root / name
         self.name = name
         self.bootstrap = bootstrap or []
         self.extra = extra or []
+        self.prefix = prefix or []  # e.g. ip netns exec NAME: a daemon in a namespace
         self.log = root / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._offset = 0
@@ -84,9 +86,12 @@ class Daemon:
     def launch(self) -> Daemon:
         """Start the process without waiting for it (see wait_ready)."""
         self._offset = self.log.stat().st_size if self.log.exists() else 0
-        args = [sys.executable, "-m", "pigeon.ui.cli", "--home", str(self.home), "daemon"]
+        args = [*self.prefix, sys.executable, "-m", "pigeon.ui.cli", "--home", str(self.home)]
+        args.append("daemon")
         for address in self.bootstrap:
             args += ["--bootstrap", address]
+        if "--listen" not in self.extra and not self.prefix:  # on this machine: loopback only
+            args += ["--listen", "/ip4/127.0.0.1/tcp/0"]
         args += self.extra
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=log, env=env())

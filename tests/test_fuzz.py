@@ -79,6 +79,8 @@ from pigeon.protocol.frames import (
     AckEntry,
     AckStatus,
     Deliver,
+    DialbackAnswer,
+    DialbackRequest,
     MailboxNotice,
     Presence,
     RecordAnswer,
@@ -319,6 +321,7 @@ def _build_samples() -> dict[str, Sample]:
         (AckEntry(b"d" * 32, AckStatus.STORED), AckEntry(b"e" * 32, AckStatus.REFUSED))
     ).encode()
     deposit = Request(Op.DEPOSIT, b"b" * 16, envelope=ENVELOPE, ttl_s=3600, token=TOKEN).encode()
+    dialback = DialbackAnswer("/ip4/203.0.113.5/tcp/4001", True).encode()
     take_with_work = Request(Op.TAKE_PREKEY, b"b" * 16, work=b"w" * 8, window=29_000_000).encode()
     delete = Request(
         Op.DELETE, b"b" * 16, nonce=b"n" * 32, signature=b"s" * 64, item_ids=(b"i" * 16, b"j" * 16)
@@ -503,6 +506,20 @@ def _build_samples() -> dict[str, Sample]:
             RecordRequest(b"i" * 20).encode(),
             None,
             STRICT,
+            protobuf_prefix=b"",
+        ),
+        "dial-back request frame": Sample(
+            DialbackRequest.decode,
+            DialbackRequest(4001).encode(),
+            None,
+            STRICT,
+            protobuf_prefix=b"",
+        ),
+        "dial-back answer frame": Sample(
+            DialbackAnswer.decode,
+            dialback,
+            field_end(dialback, 1),
+            "an answer without field 2 says 'not reached'",
             protobuf_prefix=b"",
         ),
         "record answer frame": Sample(

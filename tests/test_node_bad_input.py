@@ -289,12 +289,14 @@ def test_garbage_on_the_presence_record_and_dht_protocols(pair):
             finally:
                 await close_host(host)
 
-    for protocol in ("/pigeon/presence/1.0.0", "/pigeon/record/1.0.0", "/ipfs/kad/1.0.0"):
+    protocols = ("/pigeon/presence/1.0.0", "/pigeon/record/1.0.0", "/pigeon/dialback/1.0.0")
+    for protocol in (*protocols, "/ipfs/kad/1.0.0"):
         for data in (os.urandom(64), encode_varint(10**9) + b"x", b"\x05\x08\x01"):
             trio.run(send_garbage, protocol, data)
             assert healthy(bob), protocol
     wait_for(lambda: "bad presence frame" in log_of(bob), timeout=5)
     wait_for(lambda: "bad record frame" in log_of(bob), timeout=5)
+    wait_for(lambda: "dial-back request refused" in log_of(bob), timeout=5)
 
 
 def test_a_node_gives_its_record_only_to_whoever_names_its_identity(pair):

@@ -70,6 +70,8 @@ from pigeon.protocol.frames import (
     AckEntry,
     AckStatus,
     Deliver,
+    DialbackAnswer,
+    DialbackRequest,
     MailboxNotice,
     Presence,
     RecordAnswer,
@@ -630,6 +632,25 @@ def _(schema: Schema) -> Sample:
 @sample("RecordAnswer: not this identity")
 def _(schema: Schema) -> Sample:
     return codec_sample("RecordAnswer", RecordAnswer(None), {"record": None})
+
+
+@sample("DialbackRequest")
+def _(schema: Schema) -> Sample:
+    return codec_sample("DialbackRequest", DialbackRequest(65535), {"port": 65535})
+
+
+@sample("DialbackAnswer: reached")
+def _(schema: Schema) -> Sample:
+    observed = "/ip6/2001:db8:ffff:ffff:ffff:ffff:ffff:ffff/tcp/65535"
+    answer = DialbackAnswer(observed, True)
+    return codec_sample("DialbackAnswer", answer, {"observed": observed, "reached": True})
+
+
+@sample("DialbackAnswer: not reached")
+def _(schema: Schema) -> Sample:
+    answer = DialbackAnswer("/ip4/203.0.113.5/tcp/4001", False)
+    expected = {"observed": "/ip4/203.0.113.5/tcp/4001", "reached": False}
+    return codec_sample("DialbackAnswer", answer, expected)
 
 
 # -- file transfer: the data-channel messages ------------------------------------

@@ -122,7 +122,15 @@ def _parser() -> argparse.ArgumentParser:
     ident.add_argument("--png", metavar="FILE", help="write the contact code's QR code to FILE")
 
     daemon = commands.add_parser("daemon", help="run your node")
-    daemon.add_argument("--listen", action="append", metavar="MULTIADDR", default=[])
+    daemon.add_argument(
+        "--listen",
+        action="append",
+        metavar="MULTIADDR",
+        default=[],
+        help="where to listen (repeatable; default: every interface, IPv4 and IPv6, on a"
+        " port chosen at the first start and kept); an address named here is told to"
+        " others as it is",
+    )
     daemon.add_argument("--bootstrap", action="append", metavar="MULTIADDR", default=[])
     daemon.add_argument(
         "--mailbox", action="store_true", help="also serve as a mailbox peer for others"
@@ -436,11 +444,13 @@ def cmd_daemon(home: Path, args: argparse.Namespace) -> int:
         from pigeon.transfer.rtc import parse_ice_server
 
         config.ice_servers = [parse_ice_server(url) for url in args.ice_server]
+    # Checked before the passphrase is asked and the database opened: a typo
+    # costs nothing and changes nothing on disk.  None given: every interface,
+    # on the node's own port (chosen by the daemon, which holds the database).
+    config.listen = []
     if args.listen:
         from pigeon.node.host import listen_addresses
 
-        # Checked before the passphrase is asked and the database opened: a
-        # typo costs nothing and changes nothing on disk.
         config.listen = [str(address) for address in listen_addresses(args.listen)]
     return run_daemon(home, passphrase(), config, verbose=args.verbose)
 

@@ -1,0 +1,149 @@
+"""Network namespaces that tests create (root only; CI runs as root), so
+that a daemon can listen on every interface, or sit behind a NAT, without
+touching the machine's own network."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None,
+    reason="network namespaces need root and iproute2 (CI runs as root)",
+)
+
+
+def ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        raise AssertionError(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def namespace(*addresses: str) -> Iterator[list[str]]:
+    """A namespace with loopback up and one interface holding ``addresses``
+    (CIDR, IPv4 or IPv6); yields the prefix that runs a command in it."""
+    name = f"pgt-{uuid.uuid4().hex[:8]}"
+    ip("netns", "add", name)
+    try:
+        ip("-n", name, "link", "set", "lo", "up")
+        # A veth pair with both ends inside (the dummy type needs a kernel
+        # module this machine may not have).
+        ip("-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+        ip("-n", name, "link", "set", "eth1", "up")
+        for address in addresses:
+            extra = ["nodad"] if ":" in address else []  # usable at once, not "tentative"
+            ip("-n", name, "addr", "add", address, "dev", "eth0", *extra)
+        ip("-n", name, "link", "set", "eth0", "up")
+        yield ["ip", "netns", "exec", name]
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+
+
+def _in(name: str, *command: str) -> None:
+    result = subprocess.run(
+        ["ip", "netns", "exec", name, *command], capture_output=True, text=True, timeout=30
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} in {name} failed: {result.stderr.strip()}")
+
+
+class NatNetwork:
+    """ "The internet" (198.51.100.0/24, a bridge in a namespace of its own,
+    whose own address 198.51.100.1 public daemons listen on) and homes, each
+    a namespace behind a router namespace that masquerades its 10.0.N.0/24
+    and drops whatever arrives unsolicited, as home routers do.
+
+    A "cone" router keeps a connection's source port where it can
+    (endpoint-independent mapping: a hole punch can work); a "symmetric"
+    one picks a random port for every connection (``--random-fully``: it
+    cannot).  Needs iptables (``.ci/run`` installs it)."""
+
+    PUBLIC_IP = "198.51.100.1"
+
+    def __init__(self, homes: dict[str, str]) -> None:
+        self.tag = uuid.uuid4().hex[:6]
+        self.homes = homes
+        self.made: list[str] = []
+        self.inet = self._add("inet")
+        self.public = ["ip", "netns", "exec", self.inet]
+        self.wan: dict[str, str] = {}  # home -> its router's public address
+        self.lan: dict[str, str] = {}  # home -> the address of the machine in it
+        self._inside: dict[str, list[str]] = {}
+
+    def _add(self, role: str) -> str:
+        name = f"pgn-{self.tag}-{role}"
+        ip("netns", "add", name)
+        self.made.append(name)
+        ip("-n", name, "link", "set", "lo", "up")
+        return name
+
+    def __enter__(self) -> NatNetwork:
+        try:
+            ip("-n", self.inet, "link", "add", "br0", "type", "bridge")
+            ip("-n", self.inet, "addr", "add", f"{self.PUBLIC_IP}/24", "dev", "br0")
+            ip("-n", self.inet, "link", "set", "br0", "up")
+            for number, (home, kind) in enumerate(self.homes.items(), start=1):
+                self._home(number, home, kind)
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def _home(self, number: int, home: str, kind: str) -> None:
+        router, inside = self._add(f"r{number}"), self._add(f"h{number}")
+        wan, lan = f"198.51.100.{10 * number}", f"10.0.{number}"
+        ip(
+            "link",
+            "add",
+            "wan",
+            "netns",
+            router,
+            "type",
+            "veth",
+            "peer",
+            f"p{number}",
+            "netns",
+            self.inet,
+        )
+        ip("-n", self.inet, "link", "set", f"p{number}", "master", "br0", "up")
+        ip("-n", router, "addr", "add", f"{wan}/24", "dev", "wan")
+        ip("-n", router, "link", "set", "wan", "up")
+        ip("link", "add", "lan", "netns", router, "type", "veth", "peer", "eth0", "netns", inside)
+        ip("-n", router, "addr", "add", f"{lan}.1/24", "dev", "lan")
+        ip("-n", router, "link", "set", "lan", "up")
+        ip("-n", inside, "addr", "add", f"{lan}.2/24", "dev", "eth0")
+        ip("-n", inside, "link", "set", "eth0", "up")
+        ip("-n", inside, "route", "add", "default", "via", f"{lan}.1")
+        _in(router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        masquerade = ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE"]
+        _in(router, *masquerade, *(["--random-fully"] if kind == "symmetric" else []))
+        for chain in ("INPUT", "FORWARD"):
+            _in(router, "iptables", "-A", chain, "-i", "wan", "-m", "conntrack",
+                "--ctstate", "NEW,INVALID", "-j", "DROP")  # fmt: skip
+        self.wan[home], self.lan[home] = wan, f"{lan}.2"
+        self._inside[home] = ["ip", "netns", "exec", inside]
+
+    def home(self, name: str) -> list[str]:
+        """The prefix that runs a command in home ``name``."""
+        return self._inside[name]
+
+    def remove(self) -> None:
+        for name in reversed(self.made):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+        self.made = []
+
+
+needs_nat = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables") is None,
+    reason="a NAT in network namespaces needs root, iproute2 and iptables (CI runs as root)",
+)
