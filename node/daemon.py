@@ -64,6 +64,7 @@ def contact_json(node: Node, contact: Contact) -> dict[str, Any]:
         "label": contact.label,
         "identity_id": contact.identity_id,
         "online": node.is_online(contact),
+        "connection": node.connection(contact),
         "last_seen": contact.last_seen,
         "verified": contact.verified,
         "blocked": contact.blocked,

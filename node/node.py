@@ -17,6 +17,7 @@ and ends itself, never the daemon.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import multiaddr
 import trio
 from libp2p.abc import IHost, INotifee
+from libp2p.identity.identify_push.identify_push import push_identify_to_peers
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -69,8 +71,9 @@ from .mailbox import MAILBOX_PROTOCOL, NOTIFY_PROTOCOL, MailboxPeer
 from .mailbox_owner import MailboxOwner
 from .mailbox_store import MailboxLimits, MailboxStore
 from .presence import PRESENCE_PROTOCOL, PresenceService
-from .reach import DIALBACK_PROTOCOL, DialbackService, Reachability
-from .routing import RoutingUpkeep, remember_verified_envelopes
+from .reach import DIALBACK_PROTOCOL, PUBLIC, UNKNOWN, DialbackService, Reachability
+from .relay import Relays, is_relayed
+from .routing import RoutingUpkeep, remember_verified_envelopes, servers_only
 from .storage import Database
 from .transfers import Transfers
 
@@ -96,6 +99,7 @@ class NodeConfig:
     mailbox_limits: MailboxLimits = field(default_factory=MailboxLimits)
     downloads: Path | None = None  # where accepted files go: <home>/downloads if None
     ice_servers: list[IceServer] = field(default_factory=list)
+    relay: bool = False  # relay for nodes behind NAT (relay.py)
     wire: Wire | None = None  # what the TCP transport counts and lets through
 
 
@@ -115,12 +119,21 @@ class Node:
         self.contacts = conv.contacts
         self.wire = config.wire or Wire()
         self.host: IHost = build_host(conv.device_seed, config.listen, self.wire, self._told)
-        self.dht = KadDHT(self.host, DHTMode.SERVER, strict_validation=True)
+        # A DHT server from the start when it is for this machine alone or
+        # serves others (relay, mailbox); otherwise a client until peers
+        # have connected back to it (_follow_reachability).
+        serving = self._local_only() or config.relay or config.serve_mailbox
+        self.dht = KadDHT(
+            self.host, DHTMode.SERVER if serving else DHTMode.CLIENT, strict_validation=True
+        )
         make_dht_validator(self.dht, clock)
         RoutingUpkeep(self.dht, random).install()
+        servers_only(self.dht)
         remember_verified_envelopes()
         # Before the host runs, so that no stream reaches the library's own handler.
-        self.host.set_stream_handler(DHT_PROTOCOL, self._guarded(guard_dht(self.dht)))
+        self._dht_handler = self._guarded(guard_dht(self.dht))
+        if serving:
+            self.host.set_stream_handler(DHT_PROTOCOL, self._dht_handler)
         self.dialback = DialbackService(self.host)
         self.reach = Reachability(self.host, self._listen_port, self._local_only)
         self.started = clock()
@@ -175,6 +188,14 @@ class Node:
             is_online=lambda key: self.is_online(self.contacts.get(key)),
             random=random,
         )
+        # Relays and hole punching: for a node others may reach from elsewhere
+        # (one on loopback only has no NAT to get through).
+        self.relays: Relays | None = None
+        if config.relay or not self._local_only():
+            self.relays = Relays(
+                self.host, self.dht, self.reach, self.directory.republish, serve=config.relay
+            )
+            self.relays.install_dialing()
         self.mailbox: MailboxPeer | None = None
         if config.serve_mailbox:
             self.mailbox = MailboxPeer(
@@ -230,7 +251,9 @@ class Node:
             self.spawn(self.owner.run)
             self.spawn(self._expire_messages)
             self.spawn(self.reach.run)
-            self.spawn(self._republish_on_reachability)
+            if self.relays is not None:
+                self.spawn(self.relays.run)
+            self.spawn(self._follow_reachability)
             if self.mailbox is not None:
                 self.spawn(self.mailbox.run)
             try:
@@ -286,8 +309,10 @@ class Node:
 
     @property
     def addresses(self) -> list[str]:
-        """Where others can reach us (``addresses.py``), each with ``/p2p``."""
-        return [str(a) for a in self.host.get_addrs()]
+        """Where others can reach us (``addresses.py``), each with ``/p2p``,
+        then through the relays we hold a slot at."""
+        relayed = self.relays.addresses() if self.relays is not None else []
+        return [str(a) for a in self.host.get_addrs()] + relayed
 
     def _told(self) -> list[str]:
         host = getattr(self, "host", None)  # asked once while the host is being built
@@ -304,11 +329,26 @@ class Node:
         hosts = [ipaddress.ip_address(str(a).split("/")[2]) for a in self.config.listen]
         return all(ip.is_loopback for ip in hosts)
 
-    async def _republish_on_reachability(self) -> None:
-        """Others learn a newly found public address (or its loss) at once."""
+    async def _follow_reachability(self) -> None:
+        """Others learn a newly found public address (or its loss) at once,
+        and our DHT serves others only while they can connect to us: behind
+        NAT a DHT server would only have peers' lookups stall on an address
+        that goes nowhere.  Peers learn of the change by an identify push
+        (py-libp2p keeps a peer in its table only while it offers the DHT)."""
         while True:
             await self.reach.changed.wait()
             self.directory.republish()
+            if self.reach.state == UNKNOWN:
+                continue
+            server = self.reach.state == PUBLIC
+            if server == (self.dht.mode == DHTMode.SERVER):
+                continue
+            await self.dht.switch_mode(DHTMode.SERVER if server else DHTMode.CLIENT)
+            if server:  # the library put back its own handler: ours goes first
+                self.host.set_stream_handler(DHT_PROTOCOL, self._dht_handler)
+            with contextlib.suppress(Exception):
+                await push_identify_to_peers(self.host)
+            log.info("DHT: %s", "serving others" if server else "a client only (behind NAT)")
 
     def contact_code(self) -> str:
         conv = self.conversations
@@ -382,6 +422,19 @@ class Node:
             self.presence.is_present(ID(device.certificate.peer_id))
             for device in contact.record.devices
         )
+
+    def connection(self, contact: Contact) -> str | None:
+        """How we are connected to the contact's devices: "direct" when any
+        connection is, "relayed" when all go through relays, None when none."""
+        if contact.record is None:
+            return None
+        network = self.host.get_network()
+        kinds = {
+            "relayed" if any(is_relayed(a) for a in conn.get_transport_addresses()) else "direct"
+            for device in contact.record.devices
+            for conn in network.get_connections(ID(device.certificate.peer_id))
+        }
+        return "direct" if "direct" in kinds else "relayed" if kinds else None
 
     def _contact_in_touch(self, key: bytes) -> None:
         """A contact's device said hello: it is reachable and accepts us now."""
@@ -512,6 +565,11 @@ class Node:
             "addresses": self.addresses,
             "reachability": self.reach.state,
             "reachability_why": self.reach.reason,
+            "contacts_connected": {
+                contact.label: kind
+                for contact in self.contacts.all()
+                if (kind := self.connection(contact)) is not None
+            },
             "uptime_s": round(self.clock() - self.started, 1),
             "connections": len(self.host.get_network().connections),
             "dht_peers": self.dht.get_routing_table_size(),

@@ -54,7 +54,7 @@ PEERS_REMEMBERED = 1024  # askers whose last request a server remembers
 ASK_PEERS = 3  # peers asked in one check
 TELL_AFTER = 2  # peers that reached us at an address not our own before it is told
 CHECK_EVERY = 30 * 60.0  # seconds between checks once the answer is known
-RETRY_EVERY = 60.0  # seconds between checks while it is not
+RETRY_EVERY = 15.0  # seconds between checks while it is not (a DHT client meanwhile)
 
 PUBLIC = "public"
 BEHIND_NAT = "behind NAT"

@@ -35,6 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import trio
+from libp2p.kad_dht.common import PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.peer.envelope import Envelope
 from libp2p.peer.id import ID
@@ -76,6 +77,30 @@ class RoutingUpkeep:
                 await lookup(key)
             except Exception as error:  # a failed refresh is retried at the next
                 log.debug("refreshing the routing table failed: %s", error)
+
+
+def servers_only(dht: KadDHT) -> None:
+    """Only peers that serve the DHT enter our routing table.
+
+    py-libp2p adds every peer that opens a DHT stream to us, on the grounds
+    that it "must" be a server: a client asks too.  A node behind NAT is a
+    client (node.py), and once in a server's table it was handed out to
+    every lookup, whose walks then stalled dialling an address behind a NAT
+    (15 s of a mailbox search in a three-node test).  Identify says what a
+    peer serves; a peer not yet identified is added at a later request."""
+    add = dht.add_peer
+    peerstore = dht.host.get_peerstore()
+
+    async def add_peer(peer_id: ID, *, skip_server_mode_check: bool = False) -> bool:
+        try:
+            protocols = peerstore.get_protocols(peer_id) or []
+        except Exception:  # not in the peerstore yet
+            return False
+        if str(PROTOCOL_ID) not in protocols:
+            return False
+        return await add(peer_id, skip_server_mode_check=True)
+
+    dht.add_peer = add_peer  # type: ignore[method-assign]
 
 
 _verified: OrderedDict[bytes, None] = OrderedDict()

@@ -9,6 +9,7 @@ import pytest
 
 LONGEST_FIRST = (
     "test_sim.py",
+    "test_nat.py",
     "test_mailbox_e2e.py",
     "test_no_silent_loss.py",
     "test_transfer_e2e.py",

@@ -89,6 +89,30 @@ class NatNetwork:
             ip("-n", self.inet, "link", "add", "br0", "type", "bridge")
             ip("-n", self.inet, "addr", "add", f"{self.PUBLIC_IP}/24", "dev", "br0")
             ip("-n", self.inet, "link", "set", "br0", "up")
+            # Beyond "the internet", a router that forwards nothing: what is
+            # sent to an address no one here has (a home's private address)
+            # is dropped silently, as on the internet, instead of failing at
+            # once with "network unreachable" (which makes coturn close the
+            # TURN allocation that sent it).
+            void = self._add("void")
+            ip(
+                "link",
+                "add",
+                "edge",
+                "netns",
+                self.inet,
+                "type",
+                "veth",
+                "peer",
+                "edge",
+                "netns",
+                void,
+            )
+            ip("-n", self.inet, "addr", "add", "203.0.113.1/30", "dev", "edge")
+            ip("-n", void, "addr", "add", "203.0.113.2/30", "dev", "edge")
+            ip("-n", self.inet, "link", "set", "edge", "up")
+            ip("-n", void, "link", "set", "edge", "up")
+            ip("-n", self.inet, "route", "add", "default", "via", "203.0.113.2")
             for number, (home, kind) in enumerate(self.homes.items(), start=1):
                 self._home(number, home, kind)
         except BaseException:

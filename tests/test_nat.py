@@ -4,6 +4,14 @@ they are reachable."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,3 +50,125 @@ def test_status_says_public_or_behind_nat_and_why(tmp_path: Path) -> None:
         finally:
             for daemon in reversed(daemons):
                 daemon.stop()
+
+
+def relayed(daemon: Daemon) -> bool:
+    return any("/p2p-circuit/" in a for a in daemon.id()["addresses"])
+
+
+def contact(daemon: Daemon, label: str) -> dict[str, object]:
+    out = daemon.cli("contacts", "list", "--json").stdout
+    (found,) = [c for c in map(json.loads, out.splitlines()) if c["label"] == label]
+    return found
+
+
+def incoming(daemon: Daemon) -> list[dict[str, object]]:
+    return [m for m in daemon.inbox() if m["direction"] == "in"]
+
+
+def introduce(alice: Daemon, bob: Daemon) -> None:
+    alice.cli("contacts", "add", bob.id()["contact_code"], "--as", "bob")
+    bob.cli("contacts", "add", alice.id()["contact_code"], "--as", "alice")
+
+
+@contextlib.contextmanager
+def people_behind_nats(
+    tmp_path: Path, alice_nat: str, bob_nat: str, extra: tuple[str, ...] = ()
+) -> Iterator[tuple[NatNetwork, Daemon, Daemon]]:
+    """A public node that relays and keeps mailboxes; Alice and Bob behind
+    routers of the kinds given, each holding a relay slot, each in the
+    other's contacts.  ``extra``: options for Alice's and Bob's daemons."""
+    with NatNetwork({"a": alice_nat, "b": bob_nat}) as net:
+        boot = Daemon(tmp_path, "boot", prefix=net.public, extra=["--relay", "--mailbox"])
+        daemons = [boot.start()]
+        try:
+            for name, home in (("alice", "a"), ("bob", "b")):
+                person = Daemon(tmp_path, name, [boot.address], [*extra], net.home(home))
+                daemons.append(person.start())
+            alice, bob = daemons[1:]
+            wait_for(lambda: relayed(alice) and relayed(bob), timeout=60)
+            introduce(alice, bob)
+            yield net, alice, bob
+        finally:
+            for daemon in reversed(daemons):
+                daemon.stop()
+
+
+def chat_both_ways(alice: Daemon, bob: Daemon) -> None:
+    """A message each way, each arriving straight from the other (not from a mailbox)."""
+    for sender, receiver, text in ((alice, bob, "hello"), (bob, alice, "and back")):
+        sender.cli("send", receiver.name, text)
+        (got,) = wait_for(lambda r=receiver: incoming(r), timeout=60)
+        assert got["text"] == text and got["via"] != "mailbox"
+
+
+def test_two_people_behind_nats_chat_through_a_relay_then_directly(tmp_path: Path) -> None:
+    """Alice and Bob, each behind a home router, reserve slots at the public
+    relay and tell their relayed addresses; their messages arrive straight
+    from each other (never only through a mailbox), and the relayed
+    connection is upgraded to a direct one by a hole punch."""
+    with people_behind_nats(tmp_path, "cone", "cone") as (_, alice, bob):
+        chat_both_ways(alice, bob)
+        wait_for(lambda: contact(alice, "bob")["connection"] == "direct", timeout=30)
+        assert status(alice)["contacts_connected"] == {"bob": "direct"}
+
+
+def test_behind_a_symmetric_nat_the_relay_carries_the_conversation(tmp_path: Path) -> None:
+    """Bob's router picks a new port for every connection, so no hole punch
+    can work: the messages still arrive straight from each other, through
+    the relay, and the connection says so."""
+    with people_behind_nats(tmp_path, "cone", "symmetric") as (_, alice, bob):
+        chat_both_ways(alice, bob)
+        time.sleep(8)  # time for the hole punches to have failed (one every 2 s, 3 at most)
+        assert contact(alice, "bob")["connection"] == "relayed"
+        assert status(bob)["contacts_connected"] == {"alice": "relayed"}
+
+
+TURN_USER, TURN_PASSWORD = "pigeon", "not-a-secret"
+
+
+@pytest.mark.skipif(shutil.which("turnserver") is None, reason="needs coturn (.ci/run installs it)")
+def test_a_file_between_two_symmetric_nats_goes_through_turn(tmp_path: Path) -> None:
+    """No direct path exists between two routers that pick a new port for
+    every connection, for UDP too: the WebRTC transfer finds none, and the
+    5 MB arrive whole through the TURN server (coturn, in "the internet")."""
+    turn_log = tmp_path / "turnserver.log"
+    server = NatNetwork.PUBLIC_IP
+    ice = ("--ice-server", f"turn:{TURN_USER}:{TURN_PASSWORD}@{server}:3478")
+    with (
+        people_behind_nats(tmp_path, "symmetric", "symmetric", ice) as (net, alice, bob),
+        turn_log.open("wb") as log,
+    ):
+        turn = subprocess.Popen(
+            [*net.public, "turnserver", "-n", "--listening-ip", server, "--relay-ip", server,
+             "--listening-port", "3478", "--min-port", "49152", "--max-port", "49252",
+             "--lt-cred-mech", "--user", f"{TURN_USER}:{TURN_PASSWORD}", "--realm", "pigeon.test",
+             "--no-tls", "--no-dtls", "--no-cli", "--fingerprint", "--simple-log",
+             "--log-file", "stdout", "--verbose"],  # verbose: it logs each session's usage
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            source = tmp_path / "five.bin"
+            source.write_bytes(os.urandom(5_000_000))
+            transfer = alice.cli("send-file", "bob", str(source), "--no-wait").stdout.strip()
+            wait_for(lambda: any(f["id"] == transfer for f in files(bob)), timeout=60)
+            bob.cli("accept", transfer, "--to", str(tmp_path / "got"))
+            (done,) = [f for f in files(bob) if f["id"] == transfer]
+            assert done["state"] == "done"
+            assert Path(str(done["path"])).read_bytes() == source.read_bytes()
+
+            # It went through the TURN server: its allocations, closed with
+            # the connection, carried at least the file.
+            def relayed_bytes() -> int:
+                usage = re.findall(r"peer usage: .*?rb=(\d+)", turn_log.read_text())
+                return sum(map(int, usage))
+
+            wait_for(lambda: relayed_bytes() >= 5_000_000, timeout=60)
+        finally:
+            turn.terminate()
+            turn.wait(timeout=10)
+
+
+def files(daemon: Daemon) -> list[dict[str, object]]:
+    return [json.loads(line) for line in daemon.cli("files", "--json").stdout.splitlines()]

@@ -618,3 +618,43 @@ def test_a_real_connection_notes_its_streams() -> None:
             assert not used_recently(connection, now=time.monotonic() + 3600)
 
     trio.run(main)
+
+
+def test_only_peers_that_serve_the_dht_enter_the_routing_table() -> None:
+    """py-libp2p adds any peer that opens a DHT stream to us ("it must be a
+    server"); a client behind NAT asks too, and in others' tables it made
+    their lookups stall.  Only a peer identify says serves the DHT is added."""
+    from libp2p.kad_dht.common import PROTOCOL_ID
+
+    from pigeon.node.routing import servers_only
+
+    protocols = {peer(1): [str(PROTOCOL_ID), "/pigeon/envelope/1.0.0"], peer(2): ["/ipfs/id/1.0.0"]}
+    added: list[ID] = []
+
+    class Peerstore:
+        def get_protocols(self, who: ID) -> list[str]:
+            if who not in protocols:
+                raise KeyError(who)  # not identified yet
+            return protocols[who]
+
+    class Host:
+        def get_peerstore(self) -> Peerstore:
+            return Peerstore()
+
+    class DHT:
+        host = Host()
+
+        async def add_peer(self, who: ID, *, skip_server_mode_check: bool = False) -> bool:
+            added.append(who)
+            return True
+
+    dht = DHT()
+    servers_only(dht)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        assert await dht.add_peer(peer(1), skip_server_mode_check=True)
+        assert not await dht.add_peer(peer(2), skip_server_mode_check=True)  # a client
+        assert not await dht.add_peer(peer(3), skip_server_mode_check=True)  # not identified
+
+    trio.run(main)
+    assert added == [peer(1)]

@@ -133,6 +133,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     daemon.add_argument("--bootstrap", action="append", metavar="MULTIADDR", default=[])
     daemon.add_argument(
+        "--relay",
+        action="store_true",
+        help="also relay connections for nodes behind NAT (limits: docs/NETWORK.md)",
+    )
+    daemon.add_argument(
         "--mailbox", action="store_true", help="also serve as a mailbox peer for others"
     )
     daemon.add_argument(
@@ -435,6 +440,7 @@ def cmd_daemon(home: Path, args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap,
         announce_presence=not args.no_presence,
         serve_mailbox=args.mailbox,
+        relay=args.relay,
         mailbox_interval=args.mailbox_interval,
         mailbox_count=args.mailboxes,
         mailbox_limits=MailboxLimits(deposits_per_minute=args.mailbox_rate_limit),
@@ -542,6 +548,8 @@ def cmd_contacts(home: Path, args: argparse.Namespace) -> int:
             else "never"
         )
         presence = "online" if contact["online"] else f"last seen {seen}"
+        if contact["online"] and contact["connection"]:
+            presence += f" ({contact['connection']})"
         trust = "blocked " if contact["blocked"] else "verified" if contact["verified"] else ""
         print(
             f"{safe_line(contact['label']):20} {contact['identity_id'][:16]}  {trust:8}  {presence}"

@@ -1,0 +1,279 @@
+"""Circuit relay v2: relaying for others (``--relay``), reserving a slot at
+relays while we are behind NAT, dialling a peer through its relay, and
+DCUtR hole punching over relayed connections (docs/NETWORK.md).
+
+py-libp2p 0.8.1 has the protocols but not the glue, and some of what it
+has does not work as it says:
+
+- ``host.connect`` refuses a peer whose only addresses are relayed ones; a
+  relayed address must be dialled with the relay transport's own ``dial``.
+  ``install_relay_dialing`` puts that behind ``host.connect``, so every
+  caller (delivery, record requests, presence, mailboxes) reaches a peer
+  behind NAT without knowing how.
+- A reservation's relayed address is published by no one: identify cuts
+  an address at its first ``/p2p`` and appends our own ID, so a relayed
+  address given to it comes out as the relay's address under our ID.  Ours
+  go into the directory record and the contact code, not identify.
+- The relay enforces only its ``RelayLimits`` (circuit time and bytes, and
+  reservations and circuits in all); the per-address and bandwidth limits
+  of ``HopConfig`` are never read.  Ours are below.
+- Its reservation refresher never notices a relay that went away; here a
+  reservation is renewed on a timer and a relay we lost the connection to
+  is replaced.
+
+DCUtR runs on every node that is not for this machine alone: both ends of a
+relayed connection try to punch a direct one (about 2 s through two
+port-preserving NATs), and streams then go over the direct connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.abc import IHost
+from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.network.exceptions import SwarmException
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.relay.circuit_v2.resources import RelayLimits
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+from libp2p.tools.anyio_service import background_trio_service
+
+from .reach import BEHIND_NAT, Reachability
+from .routing import find_providers
+
+log = logging.getLogger("pigeon.relay")
+
+# Relays announce themselves as providers of this DHT key, as mailboxes do.
+RELAY_KEY = "1220" + hashlib.sha256(b"pigeon/relays/v1").hexdigest()
+PROVIDE_EVERY = 30 * 60.0
+
+# What a relay gives (--relay).  A relayed connection carries messages,
+# receipts, presence and records, never file data (files go over WebRTC):
+# a circuit lasts at most CIRCUIT_SECONDS and carries at most CIRCUIT_BYTES,
+# after which it is closed and dialled again when needed.
+CIRCUIT_SECONDS = 10 * 60
+CIRCUIT_BYTES = 1 << 20
+CIRCUITS_PER_RESERVATION = 16  # relayed connections to one reserving peer at once
+RESERVATIONS = 128  # peers holding a slot at once
+
+RELAYS_WANTED = 2  # relays we hold a slot at while behind NAT
+RENEW_EVERY = 10 * 60.0  # a reservation is renewed this often (the relay's last 1 h)
+CHECK_EVERY = 30.0  # seconds between looks at our reservations
+DIRECT_HEAD_START = 2.0  # seconds a direct dial has before the relay is tried too
+RELAYED_DIAL_TIMEOUT = 5.0  # seconds for one dial through a relay
+
+
+def is_relayed(address: multiaddr.Multiaddr | str) -> bool:
+    return "/p2p-circuit" in str(address)
+
+
+def relayed_address(relay_address: str, relay: ID, us: ID) -> str:
+    return f"{relay_address}/p2p/{relay}/p2p-circuit/p2p/{us}"
+
+
+class Relays:
+    def __init__(
+        self,
+        host: IHost,
+        dht: KadDHT,
+        reach: Reachability,
+        republish: Callable[[], None],
+        *,
+        serve: bool,
+    ) -> None:
+        self.host = host
+        self.dht = dht
+        self.reach = reach
+        self.republish = republish
+        self.serve = serve
+        limits = RelayLimits(
+            duration=CIRCUIT_SECONDS,
+            data=CIRCUIT_BYTES,
+            max_circuit_conns=CIRCUITS_PER_RESERVATION,
+            max_reservations=RESERVATIONS,
+        )
+        self.protocol = CircuitV2Protocol(host, limits=limits, allow_hop=serve)
+        # STOP only: a dial through a relay must not reserve a slot for us.
+        self.transport = CircuitV2Transport(host, self.protocol, RelayConfig(roles=RelayRole.STOP))
+        self.dcutr = DCUtRProtocol(host)
+        self._held: dict[ID, tuple[str, float]] = {}  # relay -> (its address, renewed at)
+        self.changed = trio.Event()
+
+    def addresses(self) -> list[str]:
+        """Our relayed addresses, one per relay we hold a slot at."""
+        us = self.host.get_id()
+        return [relayed_address(address, relay, us) for relay, (address, _) in self._held.items()]
+
+    async def run(self) -> None:
+        async with (
+            background_trio_service(self.protocol),
+            background_trio_service(self.dcutr),
+            trio.open_nursery() as nursery,
+        ):
+            if self.serve:
+                nursery.start_soon(self._announce)
+            nursery.start_soon(self._keep_slots)
+
+    async def _announce(self) -> None:
+        while True:
+            try:
+                await self.dht.provide(RELAY_KEY)
+            except Exception as error:
+                log.warning("advertising the relay failed: %s", error)
+            await trio.sleep(PROVIDE_EVERY if self.dht.get_routing_table_size() else 10.0)
+
+    async def _keep_slots(self) -> None:
+        while True:
+            before = set(self._held)
+            try:
+                await self._tend()
+            except Exception as error:
+                log.warning("relay upkeep failed: %s", error)
+            if set(self._held) != before:
+                log.info("relayed addresses: %s", self.addresses() or "none")
+                self.republish()
+            with trio.move_on_after(CHECK_EVERY):
+                await self.reach.changed.wait()
+
+    async def _tend(self) -> None:
+        if self.reach.state != BEHIND_NAT:
+            self._held.clear()  # reachable directly (or not known yet): no relay needed
+            return
+        network = self.host.get_network()
+        now = trio.current_time()
+        for relay, (address, renewed) in list(self._held.items()):
+            if not network.get_connections(relay) or now - renewed >= RENEW_EVERY:
+                info = PeerInfo(relay, [multiaddr.Multiaddr(address)])
+                if not await self._reserve(info):
+                    del self._held[relay]
+        if len(self._held) >= RELAYS_WANTED:
+            return
+        # Relays we know of already (identify said what they serve, and the
+        # peer store keeps it), connected ones first; then those the DHT names.
+        known = self._known_relays()
+        if len(known) < RELAYS_WANTED:
+            known += await find_providers(self.dht, bytes.fromhex(RELAY_KEY), RELAYS_WANTED + 2)
+        candidates: dict[ID, PeerInfo] = {}
+        for info in known:
+            if info.peer_id not in self._held and info.peer_id != self.host.get_id():
+                candidates.setdefault(info.peer_id, info)
+        # Asked together: one relay slow to answer does not hold up the others.
+        wanted = RELAYS_WANTED - len(self._held)
+        async with trio.open_nursery() as nursery:
+            for info in list(candidates.values())[:wanted]:
+                nursery.start_soon(self._reserve, info)
+
+    def _known_relays(self) -> list[PeerInfo]:
+        peerstore = self.host.get_peerstore()
+        connected = set(self.host.get_network().connections)
+        relays = []
+        for peer in peerstore.peer_ids():
+            try:
+                protocols = peerstore.get_protocols(peer)
+                addresses = peerstore.addrs(peer)
+            except Exception:  # not identified, or forgotten
+                continue
+            if str(HOP_PROTOCOL) in (protocols or []) and addresses:
+                relays.append(PeerInfo(peer, addresses))
+        relays.sort(key=lambda info: info.peer_id not in connected)
+        return relays
+
+    async def _reserve(self, info: PeerInfo) -> bool:
+        direct = [a for a in info.addrs if not is_relayed(a)]
+        if not direct:
+            return False
+        try:
+            with trio.fail_after(10):
+                await self.host.connect(PeerInfo(info.peer_id, direct))
+                stream = await self.host.new_stream(info.peer_id, [HOP_PROTOCOL])
+                try:
+                    reserved = await self.transport._make_reservation(stream, info.peer_id)
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(2):
+                        await stream.close()
+        except Exception as error:
+            log.info("reserving a slot at relay %s failed: %s", info.peer_id, error)
+            return False
+        if not reserved:
+            log.info("relay %s refused us a slot", info.peer_id)
+            return False
+        address = str(direct[0]).split("/p2p/")[0]
+        self._held[info.peer_id] = (address, trio.current_time())
+        return True
+
+    def install_dialing(self) -> None:
+        """``host.connect`` that also reaches peers through their relays: a
+        direct dial first, the relayed addresses too once it failed or has
+        had DIRECT_HEAD_START seconds; the first connection made wins."""
+        host = self.host
+        direct_connect = host.connect
+
+        async def connect(info: PeerInfo) -> None:
+            # A relayed address may come without its last /p2p (py-libp2p's
+            # PeerInfo parsing takes it off as the peer's ID): put it back.
+            relayed = [
+                a
+                if str(a).endswith(f"/p2p/{info.peer_id}")
+                else a.encapsulate(f"/p2p/{info.peer_id}")
+                for a in info.addrs
+                if is_relayed(a)
+            ]
+            if not relayed:
+                await direct_connect(info)
+            elif not host.get_network().get_connections(info.peer_id):
+                await self._connect_either(info, relayed, direct_connect)
+
+        host.connect = connect  # type: ignore[method-assign,assignment]
+
+    async def _connect_either(
+        self, info: PeerInfo, relayed: list[multiaddr.Multiaddr], direct_connect: Any
+    ) -> None:
+        direct = [a for a in info.addrs if not is_relayed(a)]
+        errors: list[str] = []
+        connected = False
+        try_relay = trio.Event()
+
+        async def dial_direct(scope: trio.CancelScope) -> None:
+            nonlocal connected
+            try:
+                await direct_connect(PeerInfo(info.peer_id, direct))
+            except Exception as error:
+                errors.append(f"direct: {error}")
+                try_relay.set()
+                return
+            connected = True
+            scope.cancel()
+
+        async def dial_relayed(scope: trio.CancelScope) -> None:
+            nonlocal connected
+            with trio.move_on_after(DIRECT_HEAD_START):
+                await try_relay.wait()
+            for address in relayed:
+                try:
+                    with trio.fail_after(RELAYED_DIAL_TIMEOUT):
+                        await self.transport.dial(address)
+                except Exception as error:
+                    errors.append(f"{address}: {error}")
+                    continue
+                connected = True
+                scope.cancel()
+                return
+
+        async with trio.open_nursery() as nursery:
+            if direct:
+                nursery.start_soon(dial_direct, nursery.cancel_scope)
+            else:
+                try_relay.set()
+            nursery.start_soon(dial_relayed, nursery.cancel_scope)
+        if not connected:
+            raise SwarmException(f"could not reach {info.peer_id}: {'; '.join(errors)}")
