@@ -67,7 +67,7 @@ CIRCUITS_PER_RESERVATION = 16  # relayed connections to one reserving peer at on
 RESERVATIONS = 128  # peers holding a slot at once
 
 RELAYS_WANTED = 2  # relays we hold a slot at while behind NAT
-RENEW_EVERY = 10 * 60.0  # a reservation is renewed this often (the relay's last 1 h)
+RENEW_EVERY = 10 * 60.0  # a reservation is renewed this often (py-libp2p's relay keeps one 1 h)
 CHECK_EVERY = 30.0  # seconds between looks at our reservations
 DIRECT_HEAD_START = 2.0  # seconds a direct dial has before the relay is tried too
 RELAYED_DIAL_TIMEOUT = 5.0  # seconds for one dial through a relay
@@ -82,6 +82,9 @@ def relayed_address(relay_address: str, relay: ID, us: ID) -> str:
 
 
 class Relays:
+    """The relay protocols of one node, its reservations while it is behind
+    NAT, and relayed dialling (``install_dialing``)."""
+
     def __init__(
         self,
         host: IHost,
@@ -107,7 +110,6 @@ class Relays:
         self.transport = CircuitV2Transport(host, self.protocol, RelayConfig(roles=RelayRole.STOP))
         self.dcutr = DCUtRProtocol(host)
         self._held: dict[ID, tuple[str, float]] = {}  # relay -> (its address, renewed at)
-        self.changed = trio.Event()
 
     def addresses(self) -> list[str]:
         """Our relayed addresses, one per relay we hold a slot at."""
@@ -207,9 +209,17 @@ class Relays:
         if not reserved:
             log.info("relay %s refused us a slot", info.peer_id)
             return False
-        address = str(direct[0]).split("/p2p/")[0]
-        self._held[info.peer_id] = (address, trio.current_time())
+        self._held[info.peer_id] = (self._address_of(info.peer_id, direct), trio.current_time())
         return True
+
+    def _address_of(self, relay: ID, known: list[multiaddr.Multiaddr]) -> str:
+        """The relay's address others should dial it at: the one our own
+        connection to it reached (it surely works), else the first known."""
+        for conn in self.host.get_network().get_connections(relay):
+            for address in conn.get_transport_addresses():
+                if not is_relayed(address) and "/tcp/" in str(address):
+                    return str(address).split("/p2p/")[0]
+        return str(known[0]).split("/p2p/")[0]
 
     def install_dialing(self) -> None:
         """``host.connect`` that also reaches peers through their relays: a
