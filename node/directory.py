@@ -58,6 +58,7 @@ from pigeon.protocol.records import DHT_NAMESPACE, MAX_RECORD_SIZE, newest
 from .contacts import ContactBook, is_current, short_id
 from .framing import frame, read_frame, serve_frames
 from .limits import REFUSALS, Handler, RefusalLog, Slots, StreamLimit, refuse, reset
+from .routing import closest_peers
 
 log = logging.getLogger("pigeon.directory")
 LOOKUP_TIMEOUT = 10.0
@@ -233,15 +234,8 @@ async def lookup(dht: KadDHT, identity_key: bytes) -> list[bytes]:
             log.debug("lookup at %s failed: %s", peer, error)
 
     deadline = trio.current_time() + LOOKUP_TIMEOUT
-    peers: list[ID] = []
-    # The walk to the closest peers gets half the time.  A walk that does not
-    # end (a node just started, a busy network) still leaves the closest
-    # peers we know, and those may hold the record: they are asked instead.
-    with trio.move_on_after(LOOKUP_TIMEOUT / 2):
-        peers = await dht.peer_routing.find_closest_peers_network(key_bytes)
-    if not peers:
-        peers = dht.routing_table.find_local_closest_peers(key_bytes, LOOKUP_FALLBACK)
-    peers = [peer for peer in peers if peer != dht.local_peer_id]
+    # The walk to the closest peers gets half the time (closest_peers).
+    peers = await closest_peers(dht, key_bytes, LOOKUP_TIMEOUT / 2, LOOKUP_FALLBACK)
     with trio.move_on_at(deadline):
         for start in range(0, len(peers), LOOKUP_AT_ONCE):
             async with trio.open_nursery() as nursery:

@@ -140,6 +140,19 @@ def remember_verified_envelopes() -> None:
     Envelope.validate = validate_once  # type: ignore[method-assign]
 
 
+async def closest_peers(dht: KadDHT, key: bytes, within: float, fallback: int) -> list[ID]:
+    """The peers closest to ``key``, ourselves left out: from a walk through
+    the network given ``within`` seconds, or, when the walk does not end in
+    time (a node just started, a busy network), the ``fallback`` closest our
+    routing table knows, which may well hold what is sought."""
+    peers: list[ID] = []
+    with trio.move_on_after(within):
+        peers = await dht.peer_routing.find_closest_peers_network(key)
+    if not peers:
+        peers = dht.routing_table.find_local_closest_peers(key, fallback)
+    return [peer for peer in peers if peer != dht.local_peer_id]
+
+
 async def find_providers(dht: KadDHT, key: bytes, enough: int) -> list[PeerInfo]:
     """Providers of ``key``: those that announced themselves to us, and those
     the peers closest to it name, asked nearest first, a few at a time,
@@ -171,12 +184,7 @@ async def find_providers(dht: KadDHT, key: bytes, enough: int) -> list[PeerInfo]
     if len(found) >= enough:
         return list(found.values())
     deadline = trio.current_time() + PROVIDERS_SEARCH
-    peers: list[ID] = []
-    with trio.move_on_after(PROVIDERS_SEARCH / 2):
-        peers = await dht.peer_routing.find_closest_peers_network(key)
-    if not peers:
-        peers = dht.routing_table.find_local_closest_peers(key, PROVIDERS_FALLBACK)
-    peers = [peer for peer in peers if peer != dht.local_peer_id]
+    peers = await closest_peers(dht, key, PROVIDERS_SEARCH / 2, PROVIDERS_FALLBACK)
     with trio.move_on_at(deadline):
         for start in range(0, len(peers), PROVIDERS_AT_ONCE):
             known = len(found)
