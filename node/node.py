@@ -122,7 +122,9 @@ class Node:
         # A DHT server from the start when it is for this machine alone or
         # serves others (relay, mailbox); otherwise a client until peers
         # have connected back to it (_follow_reachability).
-        serving = self._local_only() or config.relay or config.serve_mailbox
+        # Listening on loopback addresses only, by name: a node for this machine alone.
+        self.local_only = bool(_loopback_listen(config.listen))
+        serving = self.local_only or config.relay or config.serve_mailbox
         self.dht = KadDHT(
             self.host, DHTMode.SERVER if serving else DHTMode.CLIENT, strict_validation=True
         )
@@ -135,7 +137,7 @@ class Node:
         if serving:
             self.host.set_stream_handler(DHT_PROTOCOL, self._dht_handler)
         self.dialback = DialbackService(self.host)
-        self.reach = Reachability(self.host, self._listen_port, self._local_only)
+        self.reach = Reachability(self.host, self._listen_port, lambda: self.local_only)
         self.started = clock()
         self.stats = {"received": 0, "sent": 0, "refused": 0, "deposited": 0}
         self._nursery: trio.Nursery | None = None
@@ -184,14 +186,14 @@ class Node:
             self.spawn,
             downloads=config.downloads or db.path.parent / "downloads",
             ice_servers=config.ice_servers,
-            host_addresses=_webrtc_hosts(config.listen),
+            host_addresses=_loopback_listen(config.listen),
             is_online=lambda key: self.is_online(self.contacts.get(key)),
             random=random,
         )
         # Relays and hole punching: for a node others may reach from elsewhere
         # (one on loopback only has no NAT to get through).
         self.relays: Relays | None = None
-        if config.relay or not self._local_only():
+        if config.relay or not self.local_only:
             self.relays = Relays(
                 self.host, self.dht, self.reach, self.directory.republish, serve=config.relay
             )
@@ -323,11 +325,6 @@ class Node:
     def _listen_port(self) -> int | None:
         ports = [int(str(a).split("/")[4]) for a in self.host.get_transport_addrs()]
         return ports[0] if ports else None
-
-    def _local_only(self) -> bool:
-        """Listening on loopback addresses only, by name."""
-        hosts = [ipaddress.ip_address(str(a).split("/")[2]) for a in self.config.listen]
-        return all(ip.is_loopback for ip in hosts)
 
     async def _follow_reachability(self) -> None:
         """Others learn a newly found public address (or its loss) at once,
@@ -581,11 +578,11 @@ class Node:
         }
 
 
-def _webrtc_hosts(listen: list[str]) -> list[str] | None:
-    """The addresses WebRTC offers as host candidates: a node that listens on
-    loopback only serves peers on this machine, so it offers its loopback
-    addresses (which aioice never gathers); any other node offers what aioice
-    finds."""
+def _loopback_listen(listen: list[str]) -> list[str] | None:
+    """The addresses listened on, when all are loopback ones (a node for this
+    machine alone), else None.  WebRTC offers them as its host candidates
+    (aioice never gathers loopback addresses itself); any other node offers
+    what aioice finds."""
     hosts = {ipaddress.ip_address(str(multiaddr.Multiaddr(a)).split("/")[2]) for a in listen}
     if all(ip.is_loopback for ip in hosts):
         return sorted(str(ip) for ip in hosts)
