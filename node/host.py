@@ -29,6 +29,7 @@ from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.connection.swarm_connection import SwarmConn
 from libp2p.network.connection_pruner import ConnectionPruner
 from libp2p.network.stream.net_stream import NetStream
+from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -37,6 +38,8 @@ from libp2p.transport.exceptions import OpenConnectionError
 from libp2p.transport.tcp.tcp import TCP, TCPListener
 
 from pigeon.protocol import PigeonError
+
+from .dialing import Dialer
 
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 LISTEN_FORMS = "/ip4/ADDRESS/tcp/PORT or /ip6/ADDRESS/tcp/PORT (e.g. /ip4/0.0.0.0/tcp/4001)"
@@ -457,7 +460,7 @@ def build_host(
     in place of what the host listens on and what peers say they saw."""
     key_pair = create_new_key_pair(device_seed)
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         connection_config=ConnectionConfig(
@@ -470,6 +473,10 @@ def build_host(
         transports=[_WireTCP(wire or Wire())],
         addrs_factory=None if told is None else lambda _: [multiaddr.Multiaddr(a) for a in told()],
     )
+    network = host.get_network()
+    assert isinstance(network, Swarm)
+    Dialer(network).install()
+    return host
 
 
 async def close_host(host: IHost) -> None:
