@@ -599,7 +599,10 @@ class _Connections(INotifee):
         self.node.spawn(self.node.peer_connected, conn.muxed_conn.peer_id)
 
     async def disconnected(self, network: object, conn: Any) -> None:
-        self.node.presence.disconnected(conn.muxed_conn.peer_id)
+        peer = conn.muxed_conn.peer_id
+        self.node.presence.disconnected(peer)
+        if self.node.relays is not None:
+            self.node.relays.disconnected(peer)
 
     async def opened_stream(self, network: object, stream: object) -> None:
         return None

@@ -69,6 +69,10 @@ RESERVATIONS = 128  # peers holding a slot at once
 RELAYS_WANTED = 2  # relays we hold a slot at while behind NAT
 RENEW_EVERY = 10 * 60.0  # a reservation is renewed this often (py-libp2p's relay keeps one 1 h)
 CHECK_EVERY = 30.0  # seconds between looks at our reservations
+LOST_PAUSE = 60.0  # seconds a relay we lost is not asked for a slot (others are)
+FAILED_PAUSE = 5 * 60.0  # seconds a relay that refused us or did not answer is not asked
+SEARCH_EVERY = 5 * 60.0  # seconds between searches for more relays while we hold one
+SLOW_RELAY = 3.0  # seconds before one more relay is asked alongside a slow one
 DIRECT_HEAD_START = 2.0  # seconds a direct dial has before the relay is tried too
 RELAYED_DIAL_TIMEOUT = 5.0  # seconds for one dial through a relay
 
@@ -110,6 +114,10 @@ class Relays:
         self.transport = CircuitV2Transport(host, self.protocol, RelayConfig(roles=RelayRole.STOP))
         self.dcutr = DCUtRProtocol(host)
         self._held: dict[ID, tuple[str, float]] = {}  # relay -> (its address, renewed at)
+        self._lost = trio.Event()  # a relay we hold a slot at went away
+        self._failed: dict[ID, float] = {}  # relay -> not asked again before then
+        self._searched = -SEARCH_EVERY  # when the DHT was last asked for relays
+        self._told: set[ID] = set()  # the relays our record names
 
     def addresses(self) -> list[str]:
         """Our relayed addresses, one per relay we hold a slot at."""
@@ -134,18 +142,24 @@ class Relays:
                 log.warning("advertising the relay failed: %s", error)
             await trio.sleep(PROVIDE_EVERY if self.dht.get_routing_table_size() else 10.0)
 
+    def disconnected(self, peer: ID) -> None:
+        """A connection closed: when it was to a relay we hold a slot at,
+        the slot went with it, and the upkeep replaces it now."""
+        if peer in self._held:
+            self._lost.set()
+
     async def _keep_slots(self) -> None:
         while True:
-            before = set(self._held)
             try:
                 await self._tend()
             except Exception as error:
                 log.warning("relay upkeep failed: %s", error)
-            if set(self._held) != before:
-                log.info("relayed addresses: %s", self.addresses() or "none")
-                self.republish()
+            self._tell_if_changed()
             with trio.move_on_after(CHECK_EVERY):
-                await self.reach.changed.wait()
+                async with trio.open_nursery() as nursery:
+                    for event in (self.reach.changed, self._lost):
+                        nursery.start_soon(_wait_then_cancel, event, nursery.cancel_scope)
+            self._lost = trio.Event()
 
     async def _tend(self) -> None:
         if self.reach.state != BEHIND_NAT:
@@ -153,27 +167,78 @@ class Relays:
             return
         network = self.host.get_network()
         now = trio.current_time()
-        for relay, (address, renewed) in list(self._held.items()):
-            if not network.get_connections(relay) or now - renewed >= RENEW_EVERY:
-                info = PeerInfo(relay, [multiaddr.Multiaddr(address)])
-                if not await self._reserve(info):
-                    del self._held[relay]
+        # A relay forgets a slot when the connection that reserved it closes.
+        gone = {relay for relay in self._held if not network.get_connections(relay)}
+        for relay in gone:
+            del self._held[relay]
+            self._failed[relay] = now + LOST_PAUSE  # it may come back, but others are asked first
+        self._failed = {relay: until for relay, until in self._failed.items() if until > now}
+        due = [
+            PeerInfo(relay, [multiaddr.Multiaddr(address)])
+            for relay, (address, renewed) in self._held.items()
+            if now - renewed >= RENEW_EVERY
+        ]
+        async with trio.open_nursery() as nursery:
+            for info in due:
+                nursery.start_soon(self._renew, info)
         if len(self._held) >= RELAYS_WANTED:
             return
+
         # Relays we know of already (identify said what they serve, and the
         # peer store keeps it), connected ones first; then those the DHT names.
-        known = self._known_relays()
-        if len(known) < RELAYS_WANTED:
-            known += await find_providers(self.dht, bytes.fromhex(RELAY_KEY), RELAYS_WANTED + 2)
-        candidates: dict[ID, PeerInfo] = {}
-        for info in known:
-            if info.peer_id not in self._held and info.peer_id != self.host.get_id():
-                candidates.setdefault(info.peer_id, info)
-        # Asked together: one relay slow to answer does not hold up the others.
-        wanted = RELAYS_WANTED - len(self._held)
+        # Not those that failed us lately, nor one we just lost.
+        def askable(info: PeerInfo) -> bool:
+            peer = info.peer_id
+            return (
+                peer not in self._held and peer not in self._failed and peer != self.host.get_id()
+            )
+
+        await self._reserve_enough(list(filter(askable, self._known_relays())))
+        self._tell_if_changed()  # before a search, which may take a while
+        # A search for more is a DHT walk: done at once when we hold no
+        # slot, and not more often than SEARCH_EVERY while we hold one.
+        if not self._held or (
+            len(self._held) < RELAYS_WANTED and now - self._searched >= SEARCH_EVERY
+        ):
+            self._searched = now
+            found = await find_providers(self.dht, bytes.fromhex(RELAY_KEY), RELAYS_WANTED + 2)
+            await self._reserve_enough(list(filter(askable, found)))
+
+    def _tell_if_changed(self) -> None:
+        if set(self._held) != self._told:
+            self._told = set(self._held)
+            log.info("relayed addresses: %s", self.addresses() or "none")
+            self.republish()
+
+    async def _reserve_enough(self, candidates: list[PeerInfo]) -> None:
+        """Ask candidates in turn until we hold RELAYS_WANTED slots: as many
+        at once as slots are missing, and one more whenever one fails or
+        has been slow for SLOW_RELAY seconds."""
+        finished = trio.Event()
+        asking = 0
+
+        async def ask(info: PeerInfo) -> None:
+            nonlocal asking, finished
+            try:
+                await self._reserve(info)
+            finally:
+                asking -= 1
+                finished.set()
+                finished = trio.Event()
+
         async with trio.open_nursery() as nursery:
-            for info in list(candidates.values())[:wanted]:
-                nursery.start_soon(self._reserve, info)
+            for info in candidates:
+                if len(self._held) >= RELAYS_WANTED:
+                    break
+                asking += 1
+                nursery.start_soon(ask, info)
+                with trio.move_on_after(SLOW_RELAY):  # then one more alongside
+                    while asking and len(self._held) + asking >= RELAYS_WANTED:
+                        await finished.wait()
+
+    async def _renew(self, info: PeerInfo) -> None:
+        if not await self._reserve(info):
+            self._held.pop(info.peer_id, None)
 
     def _known_relays(self) -> list[PeerInfo]:
         peerstore = self.host.get_peerstore()
@@ -204,10 +269,12 @@ class Relays:
                     with trio.CancelScope(shield=True), trio.move_on_after(2):
                         await stream.close()
         except Exception as error:
-            log.info("reserving a slot at relay %s failed: %s", info.peer_id, error)
+            log.info("reserving a slot at relay %s failed: %s", info.peer_id, error or "timed out")
+            self._failed[info.peer_id] = trio.current_time() + FAILED_PAUSE
             return False
         if not reserved:
             log.info("relay %s refused us a slot", info.peer_id)
+            self._failed[info.peer_id] = trio.current_time() + FAILED_PAUSE
             return False
         self._held[info.peer_id] = (self._address_of(info.peer_id, direct), trio.current_time())
         return True
@@ -287,3 +354,8 @@ class Relays:
             nursery.start_soon(dial_relayed, nursery.cancel_scope)
         if not connected:
             raise SwarmException(f"could not reach {info.peer_id}: {'; '.join(errors)}")
+
+
+async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

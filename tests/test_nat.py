@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from netns import NatNetwork, needs_nat
 
-from daemons import Daemon, status, wait_for
+from daemons import FAST, Daemon, status, wait_for
 
 pytestmark = [needs_nat, pytest.mark.slow]
 
@@ -172,3 +172,64 @@ def test_a_file_between_two_symmetric_nats_goes_through_turn(tmp_path: Path) -> 
 
 def files(daemon: Daemon) -> list[dict[str, object]]:
     return [json.loads(line) for line in daemon.cli("files", "--json").stdout.splitlines()]
+
+
+def relays_of(daemon: Daemon) -> set[str]:
+    """The relays a daemon tells others it can be reached through."""
+    return {a.split("/p2p-circuit")[0].rsplit("/p2p/", 1)[1] for a in daemon.id()["addresses"]
+            if "/p2p-circuit/" in a}  # fmt: skip
+
+
+def test_relays_killed_mid_conversation_are_replaced_and_nothing_is_lost(tmp_path: Path) -> None:
+    """Alice and Bob, behind routers no hole punch gets through, talk
+    through relays.  Both relays Bob holds slots at are killed mid
+    conversation: he reserves at the third and tells his new relayed
+    address; what was sent meanwhile arrives, once each; then they talk
+    straight to each other (not through a mailbox) again."""
+    with NatNetwork({"a": "symmetric", "b": "symmetric"}) as net:
+        boot = Daemon(tmp_path, "boot", prefix=net.public, extra=["--mailbox", *FAST])
+        daemons = [boot.start()]
+        try:
+            relays = {}
+            for name in ("r1", "r2", "r3"):
+                relays[name] = Daemon(tmp_path, name, [boot.address], ["--relay"], net.public)
+                daemons.append(relays[name].start())
+            ids = {str(r.id()["peer_id"]): r for r in relays.values()}
+            alice = Daemon(tmp_path, "alice", [boot.address], FAST, net.home("a")).start()
+            daemons.append(alice)
+            bob = Daemon(tmp_path, "bob", [boot.address], FAST, net.home("b")).start()
+            daemons.append(bob)
+            wait_for(lambda: len(relays_of(alice)) == 2 and len(relays_of(bob)) == 2, timeout=60)
+            introduce(alice, bob)
+            chat_both_ways(alice, bob)
+
+            held = relays_of(bob)
+            for relay in held:
+                ids[relay].kill9()
+            (left,) = set(ids) - held
+            alice.cli("send", "bob", "while the relays go")
+            bob.cli("send", "alice", "while the relays go")
+            # The loss is noticed when the connection closes, not at the next check.
+            wait_for(lambda: relays_of(bob) == {left} and left in relays_of(alice), timeout=20)
+            for sender, receiver in ((alice, bob), (bob, alice)):
+                vias = []
+                for n in range(5):
+                    sender.cli("send", receiver.name, f"after {n}")
+                    (got,) = wait_for(
+                        lambda r=receiver, n=n: [
+                            m for m in incoming(r) if m["text"] == f"after {n}"
+                        ],
+                        timeout=60,
+                    )
+                    vias.append(got["via"])
+                    if got["via"] != "mailbox":
+                        break
+                assert vias[-1] != "mailbox", vias  # straight to each other again
+                texts = sorted(m["text"] for m in incoming(receiver))
+                first = "hello" if receiver is bob else "and back"
+                sent = [f"after {n}" for n in range(len(vias))]
+                assert texts == sorted([first, "while the relays go", *sent])  # once each
+        finally:
+            for daemon in reversed(daemons):
+                if daemon.alive():
+                    daemon.stop()
