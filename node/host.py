@@ -292,8 +292,8 @@ class _Metered(ReadWriteCloser):
     def __init__(self, inner: ReadWriteCloser, wire: Wire) -> None:
         self.inner = inner
         self.wire = wire
-        remote = inner.get_remote_address()
-        self.remote_ip = remote[0] if remote else ""
+        self.remote = _peer_address(inner)
+        self.remote_ip = self.remote[0] if self.remote else ""
 
     async def read(self, n: int | None = None) -> bytes:
         data = await self.inner.read(n)
@@ -326,7 +326,22 @@ class _Metered(ReadWriteCloser):
         await self.inner.close()
 
     def get_remote_address(self) -> tuple[str, int] | None:
-        return self.inner.get_remote_address()
+        return self.remote
+
+
+def _peer_address(stream: ReadWriteCloser) -> tuple[str, int] | None:
+    """The peer's (ip, port): py-libp2p 0.8.1's TCP stream gives None for
+    an IPv6 peer (its socket name has four parts, not two), which left
+    IPv6 connections without an observed address and the dial-back without
+    an address to dial."""
+    address = stream.get_remote_address()
+    if address is None and isinstance(stream, TrioTCPStream):
+        try:
+            peer = stream.stream.socket.getpeername()
+        except OSError:
+            return None
+        return str(peer[0]), int(peer[1])
+    return address
 
 
 async def _connect_from(

@@ -13,7 +13,7 @@ import pytest
 from multiaddr import Multiaddr
 from netns import namespace, needs_root
 
-from daemons import Daemon, pigeon
+from daemons import Daemon, contact, incoming, introduce, pigeon, status, wait_for
 from pigeon.node import addresses
 from pigeon.node.addresses import default_listen, published
 from pigeon.node.host import ListenError
@@ -104,3 +104,32 @@ def test_a_daemon_listens_everywhere_on_its_own_port_and_tells_only_dialable_add
             assert pigeon(daemon.home, "status").returncode == 0
         finally:
             daemon.stop()
+
+
+@needs_root
+@pytest.mark.slow
+def test_two_daemons_with_only_ipv6_find_each_other_and_chat(tmp_path: Path) -> None:
+    """A network with no IPv4 at all (loopback aside): each daemon tells
+    only its IPv6 address, the second finds the first through it, and they
+    chat both ways over a direct connection, not through a mailbox."""
+    with namespace("fd00:66::10/64") as inside:
+        alice = Daemon(tmp_path, "alice", prefix=inside, extra=["--mailbox"]).start()
+        bob = None
+        try:
+            (told,) = alice.id()["addresses"]
+            assert told.startswith("/ip6/fd00:66::10/tcp/")
+            bob = Daemon(tmp_path, "bob", [told], prefix=inside).start()
+            assert all(a.startswith("/ip6/fd00:66::10/") for a in bob.id()["addresses"])
+            introduce(alice, bob)
+            for sender, receiver, to in ((alice, bob, "bob"), (bob, alice, "alice")):
+                sender.cli("send", to, f"from {sender.name}")
+                (got,) = wait_for(lambda r=receiver: incoming(r), timeout=60)
+                assert got["text"] == f"from {sender.name}" and got["via"] != "mailbox"
+            assert contact(alice, "bob")["connection"] == "direct"
+            # A peer dialled back over IPv6: reachable.
+            wait_for(lambda: status(bob)["reachability"] != "unknown", timeout=40)
+            assert status(bob)["reachability"] == "public", status(bob)["reachability_why"]
+        finally:
+            for daemon in (bob, alice):
+                if daemon is not None:
+                    daemon.stop()
