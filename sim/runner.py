@@ -38,7 +38,7 @@ MAILBOXES_EACH = 3  # mailboxes a node registers with (NodeConfig.mailbox_count)
 # timeline starts anyway (each registration is a proof of work, and all the
 # nodes of one process share one worker).
 REGISTER_WAIT = 600.0
-PROBES = 4  # nodes timing a DHT lookup together when the timeline starts
+PROBES = 4  # nodes timing a DHT lookup together before the timeline starts
 ENDED = frozenset({"done", "failed", "refused", "cancelled"})  # a transfer's last states
 
 
@@ -127,11 +127,14 @@ class Runner:
             for node in self.plan.users:
                 await self.fleet.accept_files(node, FILE_SIZES[1])
         self.record.setup_s = round(time.monotonic() - setup, 2)
+        # Every user's lookup is timed on the settled network, before any
+        # churn: one begun alongside the timeline missed a node that went
+        # offline before its turn came.
+        await self._many(self._probe, list(self.plan.users), "probed", PROBES)
         self.record.started_at = time.time()
         self.log("start", nodes=len(self.plan.names), online=len(self.up), registered=registered)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch)
-            nursery.start_soon(self._many, self._probe, list(self.plan.users), "probed", PROBES)
             await self._timeline()
             self.progress("workload done; waiting for the last deliveries")
             with trio.move_on_after(settle):

@@ -36,11 +36,12 @@ def test_twenty_nodes_under_thirty_percent_churn_lose_nothing(tmp_path) -> None:
     # The timeline started once all 17 were registered with their 3 mailboxes.
     (start,) = [e for e in events(tmp_path) if e["event"] == "start"]
     assert start["registered"] == 17
-    # Every chatting node timed a lookup as the timeline started, and each
+    # Every chatting node timed a lookup before the timeline started, and each
     # one that came back another; on the settled network every record was
     # found (those made the moment a node came back are counted, not judged:
     # CI's machine may still be starting it).
-    assert report["dht_probes"]["made"] == 17 + 5
+    failed = [e for e in events(tmp_path) if e["event"] == "lookup_failed"]
+    assert report["dht_probes"]["made"] == 17 + 5, failed
     probes = [e for e in events(tmp_path) if e["event"] == "lookup"]
     assert sorted(e["when"] for e in probes) == ["back online"] * 5 + ["start"] * 17
     assert all(e["found"] for e in probes if e["when"] == "start")
