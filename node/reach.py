@@ -73,7 +73,10 @@ class DialbackService:
     async def handle(self, stream: INetStream) -> None:
         peer = stream.muxed_conn.peer_id
         remote = stream.get_remote_address()
-        if remote is None:
+        if remote is None or _relayed(stream):
+            # Over a relay, the address the request came from is the
+            # relay's: dialling it back would tell the asker nothing, and
+            # would have us dial a port of the asker's choosing there.
             await stream.reset()
             return
         request: DialbackRequest | None = None
@@ -242,3 +245,9 @@ class Reachability:
             log.info("reachability: %s (%s)", self.state, self.reason)
             self.changed.set()
             self.changed = trio.Event()
+
+
+def _relayed(stream: INetStream) -> bool:
+    connection = getattr(stream, "swarm_conn", None)
+    addresses = connection.get_transport_addresses() if connection is not None else []
+    return any("/p2p-circuit" in str(a) for a in addresses)

@@ -14,6 +14,7 @@ import trio
 from libp2p.abc import IHost
 from libp2p.peer.peerinfo import PeerInfo
 
+from pigeon.node.framing import frame
 from pigeon.node.host import build_host, close_host
 from pigeon.node.reach import (
     BEHIND_NAT,
@@ -23,6 +24,7 @@ from pigeon.node.reach import (
     DialbackService,
     Reachability,
 )
+from pigeon.protocol.frames import DialbackRequest
 
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
 ANYWHERE = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
@@ -146,3 +148,49 @@ def test_a_node_on_loopback_only_asks_no_one() -> None:
             assert not service._asked
 
     trio.run(main)
+
+
+def test_a_request_over_a_relayed_connection_is_refused_without_a_dial() -> None:
+    """Over a relay, the address a request comes from is the relay's: the
+    server must not dial it back (that would tell the asker nothing, and
+    dial a port of the asker's choosing at the relay).  A stand-in stream
+    whose connection is relayed, handled by the real service."""
+
+    class Connection:
+        def get_transport_addresses(self) -> list[multiaddr.Multiaddr]:
+            return [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/4001/p2p-circuit")]
+
+    class Stream:
+        swarm_conn = Connection()
+        reset_called = False
+        unread = bytearray(frame(DialbackRequest(4001).encode()))  # a well-formed request
+
+        class muxed_conn:
+            peer_id = "asker"
+
+        def get_remote_address(self) -> tuple[str, int]:
+            return ("127.0.0.1", 4001)
+
+        async def reset(self) -> None:
+            self.reset_called = True
+
+        async def read(self, n: int | None = None) -> bytes:
+            taken = bytes(self.unread[: n or len(self.unread)])
+            del self.unread[: len(taken)]
+            return taken
+
+        async def write(self, data: bytes) -> None:
+            return None
+
+        async def close(self) -> None:
+            return None
+
+    async def main() -> bool:
+        async with running_host() as server:
+            service = DialbackService(server)
+            stream = Stream()
+            await service.handle(stream)  # type: ignore[arg-type]
+            assert not service._asked  # no dial-back counted, none made
+            return stream.reset_called
+
+    assert trio.run(main)
