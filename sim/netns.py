@@ -112,25 +112,9 @@ class Namespaces:
                 "--probability", f"{loss:.6f}", "-j", "DROP",
             )  # fmt: skip
         if latency_ms:
-            self._start_delayer(latency_ms)
+            self.delayer = start_delayer(self._hub_prefix(), latency_ms)
             self._in_hub("iptables", "-A", "FORWARD", "-j", "NFQUEUE", "--queue-num", "0")
         self.shaped = True
-
-    def _start_delayer(self, latency_ms: float) -> None:
-        self.delayer = subprocess.Popen(
-            [*self._hub_prefix(), sys.executable, "-m", "pigeon.sim.wan", f"{latency_ms:g}"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        assert self.delayer.stdout is not None and self.delayer.stderr is not None
-        ready, _, _ = select.select([self.delayer.stdout], [], [], DELAYER_READY_S)
-        line = self.delayer.stdout.readline() if ready else b""
-        if line.strip() != b"ready":
-            self.delayer.kill()
-            said = self.delayer.communicate(timeout=10)[1].decode(errors="replace").strip()
-            self.delayer = None
-            last = said.splitlines()[-1] if said else "no answer"
-            raise ScenarioError(f"the packet delayer (NFQUEUE) did not start: {last}")
 
     def _hub_prefix(self) -> list[str]:
         return ["ip", "netns", "exec", self.hub]
@@ -157,3 +141,23 @@ class Namespaces:
         for name in reversed(self.made):
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
         self.made.clear()
+
+
+def start_delayer(prefix: list[str], latency_ms: float) -> subprocess.Popen[bytes]:
+    """The packet delayer (wan.py) in the namespace ``prefix`` runs in,
+    holding what its NFQUEUE rules queue for ``latency_ms``; it stops when
+    killed."""
+    delayer = subprocess.Popen(
+        [*prefix, sys.executable, "-m", "pigeon.sim.wan", f"{latency_ms:g}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert delayer.stdout is not None and delayer.stderr is not None
+    ready, _, _ = select.select([delayer.stdout], [], [], DELAYER_READY_S)
+    line = delayer.stdout.readline() if ready else b""
+    if line.strip() != b"ready":
+        delayer.kill()
+        said = delayer.communicate(timeout=10)[1].decode(errors="replace").strip()
+        last = said.splitlines()[-1] if said else "no answer"
+        raise ScenarioError(f"the packet delayer (NFQUEUE) did not start: {last}")
+    return delayer

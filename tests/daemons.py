@@ -213,3 +213,22 @@ def mailbox_network(root: Path) -> Iterator[dict[str, Daemon]]:
     options = {**boxes, "alice": FAST, "bob": FAST}
     with small_network(root, (*boxes, "alice", "bob"), options) as nodes:
         yield nodes
+
+
+def relayed(daemon: Daemon) -> bool:
+    return any("/p2p-circuit/" in a for a in daemon.id()["addresses"])
+
+
+def contact(daemon: Daemon, label: str) -> dict[str, object]:
+    out = daemon.cli("contacts", "list", "--json").stdout
+    (found,) = [c for c in map(json.loads, out.splitlines()) if c["label"] == label]
+    return found
+
+
+def incoming(daemon: Daemon) -> list[dict[str, object]]:
+    return [m for m in daemon.inbox() if m["direction"] == "in"]
+
+
+def introduce(alice: Daemon, bob: Daemon) -> None:
+    alice.cli("contacts", "add", bob.id()["contact_code"], "--as", "bob")
+    bob.cli("contacts", "add", alice.id()["contact_code"], "--as", "alice")

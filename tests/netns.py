@@ -67,9 +67,18 @@ class NatNetwork:
 
     PUBLIC_IP = "198.51.100.1"
 
-    def __init__(self, homes: dict[str, str]) -> None:
+    def __init__(self, homes: dict[str, str], hop_ms: float = 0.0) -> None:
+        """``hop_ms``: a delay on every packet at each hop (needs the
+        kernel's br_netfilter; NFQUEUE, as ``pigeon sim --latency``): a
+        home's router, and "the internet" for what it forwards between
+        homes and what goes in and out of its own daemons (a relay is a
+        hop of its own).  One way between two homes is three hops directly
+        and four through a relay."""
         self.tag = uuid.uuid4().hex[:6]
         self.homes = homes
+        self.hop_ms = hop_ms
+        self.delayers: list[subprocess.Popen[bytes]] = []
+        self.routers: list[str] = []
         self.made: list[str] = []
         self.inet = self._add("inet")
         self.public = ["ip", "netns", "exec", self.inet]
@@ -115,6 +124,8 @@ class NatNetwork:
             ip("-n", self.inet, "route", "add", "default", "via", "203.0.113.2")
             for number, (home, kind) in enumerate(self.homes.items(), start=1):
                 self._home(number, home, kind)
+            if self.hop_ms:
+                self._delay()
         except BaseException:
             self.remove()
             raise
@@ -125,6 +136,7 @@ class NatNetwork:
 
     def _home(self, number: int, home: str, kind: str) -> None:
         router, inside = self._add(f"r{number}"), self._add(f"h{number}")
+        self.routers.append(router)
         wan, lan = f"198.51.100.{10 * number}", f"10.0.{number}"
         ip(
             "link",
@@ -157,11 +169,30 @@ class NatNetwork:
         self.wan[home], self.lan[home] = wan, f"{lan}.2"
         self._inside[home] = ["ip", "netns", "exec", inside]
 
+    def _delay(self) -> None:
+        from pigeon.sim.netns import BRIDGE_FILTER, start_delayer
+
+        if not os.path.exists(BRIDGE_FILTER):
+            subprocess.run(["modprobe", "br_netfilter"], capture_output=True, timeout=30)
+        _in(self.inet, "sh", "-c", f"echo 1 > {BRIDGE_FILTER}")  # bridged packets see FORWARD
+        queue = ["-j", "NFQUEUE", "--queue-num", "0"]
+        _in(self.inet, "iptables", "-A", "FORWARD", *queue)
+        _in(self.inet, "iptables", "-A", "INPUT", "-i", "br0", *queue)
+        _in(self.inet, "iptables", "-A", "OUTPUT", "-o", "br0", *queue)
+        for router in self.routers:
+            _in(router, "iptables", "-A", "FORWARD", *queue)  # after the router's DROPs
+        for name in [self.inet, *self.routers]:
+            self.delayers.append(start_delayer(["ip", "netns", "exec", name], self.hop_ms))
+
     def home(self, name: str) -> list[str]:
         """The prefix that runs a command in home ``name``."""
         return self._inside[name]
 
     def remove(self) -> None:
+        for delayer in self.delayers:
+            delayer.kill()
+            delayer.communicate(timeout=30)
+        self.delayers = []
         for name in reversed(self.made):
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
         self.made = []

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from netns import NatNetwork, needs_nat
 
-from daemons import FAST, Daemon, status, wait_for
+from daemons import FAST, Daemon, contact, incoming, introduce, relayed, status, wait_for
 
 pytestmark = [needs_nat, pytest.mark.slow]
 
@@ -50,25 +50,6 @@ def test_status_says_public_or_behind_nat_and_why(tmp_path: Path) -> None:
         finally:
             for daemon in reversed(daemons):
                 daemon.stop()
-
-
-def relayed(daemon: Daemon) -> bool:
-    return any("/p2p-circuit/" in a for a in daemon.id()["addresses"])
-
-
-def contact(daemon: Daemon, label: str) -> dict[str, object]:
-    out = daemon.cli("contacts", "list", "--json").stdout
-    (found,) = [c for c in map(json.loads, out.splitlines()) if c["label"] == label]
-    return found
-
-
-def incoming(daemon: Daemon) -> list[dict[str, object]]:
-    return [m for m in daemon.inbox() if m["direction"] == "in"]
-
-
-def introduce(alice: Daemon, bob: Daemon) -> None:
-    alice.cli("contacts", "add", bob.id()["contact_code"], "--as", "bob")
-    bob.cli("contacts", "add", alice.id()["contact_code"], "--as", "alice")
 
 
 @contextlib.contextmanager
