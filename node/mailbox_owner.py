@@ -38,9 +38,9 @@ from pigeon.protocol.mailbox import (
 )
 
 from .framing import read_frame
-from .mailbox import PROVIDER_KEY, MailboxStream, call, mailbox_peer
+from .mailbox import MAILBOX_PROTOCOL, PROVIDER_KEY, MailboxStream, call, mailbox_peer
 from .prekeys import Prekeys
-from .routing import find_providers
+from .routing import find_providers, known_serving
 from .storage import Database
 from .work import prove
 
@@ -214,7 +214,13 @@ class MailboxOwner:
         have = {peer for peer, _ in self.my_mailboxes()}
         if len(have) >= self.count:
             return False
-        changed = False
+        now = trio.current_time()
+        self._shunned = {p: t for p, t in self._shunned.items() if t > now}
+        # Mailbox peers we know of already (identify said what they serve:
+        # often our bootstrap peers), at no cost; then a search.
+        changed = await self._register_with(known_serving(self.host, MAILBOX_PROTOCOL), have)
+        if len(have) >= self.count:
+            return changed
         # From the peers closest to the key, not a copy we kept: a mailbox
         # that started since our last search is found too.  The search has a
         # time limit of its own (``find_providers``); registering does not
@@ -222,9 +228,13 @@ class MailboxOwner:
         # of a simulation share one worker) does not cut a search short.
         enough = self.count + len(self._shunned) + 1
         providers = await find_providers(self.dht, bytes.fromhex(PROVIDER_KEY), enough)
-        now = trio.current_time()
-        self._shunned = {p: t for p, t in self._shunned.items() if t > now}
-        for info in providers:
+        return await self._register_with(providers, have) or changed
+
+    async def _register_with(self, candidates: list[PeerInfo], have: set[bytes]) -> bool:
+        """Register with candidates in turn until we hold enough; whether
+        we registered with any (``have`` grows with each)."""
+        changed = False
+        for info in candidates:
             raw = info.peer_id.to_bytes()
             if raw in have or raw in self._shunned or info.peer_id == self.host.get_id():
                 continue

@@ -49,7 +49,7 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
 from .reach import BEHIND_NAT, Reachability
-from .routing import find_providers
+from .routing import find_providers, known_serving
 
 log = logging.getLogger("pigeon.relay")
 
@@ -193,7 +193,8 @@ class Relays:
                 peer not in self._held and peer not in self._failed and peer != self.host.get_id()
             )
 
-        await self._reserve_enough(list(filter(askable, self._known_relays())))
+        known = known_serving(self.host, str(HOP_PROTOCOL))
+        await self._reserve_enough(list(filter(askable, known)))
         self._tell_if_changed()  # before a search, which may take a while
         # A search for more is a DHT walk: done at once when we hold no
         # slot, and not more often than SEARCH_EVERY while we hold one.
@@ -239,21 +240,6 @@ class Relays:
     async def _renew(self, info: PeerInfo) -> None:
         if not await self._reserve(info):
             self._held.pop(info.peer_id, None)
-
-    def _known_relays(self) -> list[PeerInfo]:
-        peerstore = self.host.get_peerstore()
-        connected = set(self.host.get_network().connections)
-        relays = []
-        for peer in peerstore.peer_ids():
-            try:
-                protocols = peerstore.get_protocols(peer)
-                addresses = peerstore.addrs(peer)
-            except Exception:  # not identified, or forgotten
-                continue
-            if str(HOP_PROTOCOL) in (protocols or []) and addresses:
-                relays.append(PeerInfo(peer, addresses))
-        relays.sort(key=lambda info: info.peer_id not in connected)
-        return relays
 
     async def _reserve(self, info: PeerInfo) -> bool:
         direct = [a for a in info.addrs if not is_relayed(a)]

@@ -24,6 +24,11 @@ never learns of a provider that started after its first search), and
 otherwise asks peers until it holds as many providers as it was asked for:
 fewer exist in a small network of mailboxes, so it asked every peer it heard
 of, a request per node of the network at every search.
+
+``known_serving`` answers without a search: the peers identify told us
+serve a protocol (a relay, a mailbox), connected ones first.  A node's
+bootstrap peers are often such servers, and a search in a network that
+grew since the server last advertised may not find it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import trio
+from libp2p.abc import IHost
 from libp2p.kad_dht.common import PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.peer.envelope import Envelope
@@ -194,3 +200,23 @@ async def find_providers(dht: KadDHT, key: bytes, enough: int) -> list[PeerInfo]
             if len(found) >= enough or (start and len(found) == known):
                 break
     return list(found.values())
+
+
+def known_serving(host: IHost, protocol: str) -> list[PeerInfo]:
+    """Peers the peer store says serve ``protocol`` (identify told us), with
+    their addresses: connected ones first."""
+    peerstore = host.get_peerstore()
+    connected = set(host.get_network().connections)
+    serving = []
+    for peer in peerstore.peer_ids():
+        if peer == host.get_id():
+            continue
+        try:
+            protocols = peerstore.get_protocols(peer)
+            addresses = peerstore.addrs(peer)
+        except Exception:  # not identified, or forgotten
+            continue
+        if protocol in (protocols or []) and addresses:
+            serving.append(PeerInfo(peer, addresses))
+    serving.sort(key=lambda info: info.peer_id not in connected)
+    return serving

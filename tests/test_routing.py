@@ -564,6 +564,101 @@ def test_an_owner_proves_its_registration_once_for_every_mailbox(
     trio.run(main)
 
 
+def test_an_owner_registers_with_mailboxes_it_knows_without_a_search(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mailbox peer the owner is connected to (identify said it serves the
+    mailbox protocol: often the bootstrap peer) is registered with even when
+    the DHT search finds no provider, as in a network that grew since the
+    mailbox last advertised."""
+    from pigeon.node import mailbox_owner
+
+    searches: list[int] = []
+
+    async def finds_nothing(*args: Any) -> list[Any]:
+        searches.append(1)
+        return []
+
+    monkeypatch.setattr(mailbox_owner, "find_providers", finds_nothing)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            stops: list[trio.Event] = []
+
+            async def start(name: str, bootstrap: Node | None, **config: Any) -> Node:
+                started = _dht_node(tmp_path, name, bootstrap, **config)
+                stops.append(trio.Event())
+                await nursery.start(_run_node, started, stops[-1], trio.Event())
+                return started
+
+            box = await start("box", None, serve_mailbox=True)
+            owner = await start("owner", box, mailbox_count=2, mailbox_interval=1.0)
+            with trio.fail_after(30):
+                while not owner.owner.my_mailboxes():
+                    await trio.sleep(0.2)
+            ((peer, _),) = owner.owner.my_mailboxes()
+            assert peer == box.host.get_id().to_bytes()
+            # Still one short of two: the search goes on (and finds none).
+            with trio.fail_after(30):
+                while not searches:
+                    await trio.sleep(0.2)
+            for stop in stops:
+                stop.set()
+
+    trio.run(main)
+
+
+def test_a_mailbox_advertises_again_when_new_peers_become_closest_to_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mailbox advertised while the network was small; peers that joined
+    since and became the closest to the key get the advertisement too,
+    without waiting for the 10-minute renewal (a search asks them)."""
+    from pigeon.node import mailbox
+
+    monkeypatch.setattr(mailbox, "PROVIDE_TO", 2)
+    monkeypatch.setattr(mailbox, "RESPREAD_GAP", 0.5)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            stops: list[trio.Event] = []
+
+            async def start(name: str, bootstrap: Node | None, **config: Any) -> Node:
+                started = _dht_node(tmp_path, name, bootstrap, **config)
+                stops.append(trio.Event())
+                await nursery.start(_run_node, started, stops[-1], trio.Event())
+                return started
+
+            box = await start("box", None, serve_mailbox=True, mailbox_interval=0.2)
+            first = await start("n0", box)
+            told: list[set[ID]] = []
+            provide = box.dht.provide
+
+            async def counted(key: str) -> bool:
+                key_bytes = bytes.fromhex(mailbox.PROVIDER_KEY)
+                told.append(set(box.dht.routing_table.find_local_closest_peers(key_bytes, 2)))
+                return await provide(key)
+
+            box.dht.provide = counted  # type: ignore[method-assign]
+            with trio.fail_after(20):
+                while not told or len(told[-1]) < 1:
+                    await trio.sleep(0.1)
+            before = len(told)
+            for n in range(1, 8):
+                await start(f"n{n}", first)
+            key_bytes = bytes.fromhex(mailbox.PROVIDER_KEY)
+            with trio.fail_after(30):
+                while True:
+                    now = set(box.dht.routing_table.find_local_closest_peers(key_bytes, 2))
+                    if len(told) > before and told[-1] == now and len(now) == 2:
+                        break
+                    await trio.sleep(0.2)
+            for stop in stops:
+                stop.set()
+
+    trio.run(main)
+
+
 class Connection:
     """What py-libp2p's pruner reads of a connection."""
 
