@@ -227,6 +227,12 @@ async def deposit(
 # time a lookup and a request to each of the 20 peers closest to the key, who
 # keep it for 48 hours); expired envelopes are deleted every minute.
 PROVIDE_EVERY = 10 * 60
+# Between those, again when a peer we did not know there joined the closest
+# to the key in our routing table (the network grew or changed: a search
+# asks those): at once while fewer than PROVIDE_TO were known, then at most
+# every RESPREAD_GAP seconds.
+RESPREAD_GAP = 60.0
+PROVIDE_TO = 20
 
 
 class MailboxPeer:
@@ -255,14 +261,18 @@ class MailboxPeer:
         self._pushing: OrderedDict[object, float] = OrderedDict()
 
     async def run(self) -> None:
-        provided, known = -math.inf, 0
+        provided = -math.inf
+        told: set[ID] = set()  # the closest peers when we last advertised
+        key = bytes.fromhex(PROVIDER_KEY)
         while True:
-            # again sooner while we knew fewer peers than hold it (at start: none)
-            peers = self.dht.get_routing_table_size()
-            if trio.current_time() - provided >= PROVIDE_EVERY or known < min(peers, 20):
+            closest = set(self.dht.routing_table.find_local_closest_peers(key, PROVIDE_TO))
+            since = trio.current_time() - provided
+            # at once while we knew fewer peers than should hold it (at start: none)
+            soon = len(told) < PROVIDE_TO or since >= RESPREAD_GAP
+            if since >= PROVIDE_EVERY or (closest - told and soon):
                 try:
                     await self.dht.provide(PROVIDER_KEY)
-                    provided, known = trio.current_time(), peers
+                    provided, told = trio.current_time(), closest
                 except Exception as error:
                     log.warning("advertising the mailbox failed: %s", error)
             expired = self.store.expire(int(self.clock()))
