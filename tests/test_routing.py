@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import os
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -409,6 +410,25 @@ async def _run_node(
         ended.set()
 
 
+@contextlib.asynccontextmanager
+async def dht_nodes(root: Path) -> AsyncIterator[Callable[..., Awaitable[Node]]]:
+    """``start(name, bootstrap, **config)`` runs a node until the block ends."""
+    async with trio.open_nursery() as nursery:
+        stops: list[trio.Event] = []
+
+        async def start(name: str, bootstrap: Node | None, **config: Any) -> Node:
+            started = _dht_node(root, name, bootstrap, **config)
+            stops.append(trio.Event())
+            await nursery.start(_run_node, started, stops[-1], trio.Event())
+            return started
+
+        try:
+            yield start
+        finally:
+            for stop in stops:
+                stop.set()
+
+
 def test_a_record_published_by_two_nodes_reaches_the_closest_peers_as_the_network_grows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -482,15 +502,7 @@ def test_a_lookup_whose_walk_does_not_end_asks_the_closest_peers_it_knows(
     monkeypatch.setattr(directory, "LOOKUP_TIMEOUT", 4.0)
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            stops: list[trio.Event] = []
-
-            async def start(name: str, bootstrap: Node | None) -> Node:
-                started = _dht_node(tmp_path, name, bootstrap)
-                stops.append(trio.Event())
-                await nursery.start(_run_node, started, stops[-1], trio.Event())
-                return started
-
+        async with dht_nodes(tmp_path) as start:
             a = await start("a", None)
             b = await start("b", a)
             key = b.conversations.identity.public_key
@@ -509,8 +521,6 @@ def test_a_lookup_whose_walk_does_not_end_asks_the_closest_peers_it_knows(
             copies = await directory.lookup(c.dht, key)
             assert copies, "the peers c knows were not asked"
             assert trio.current_time() - started < 4.5
-            for stop in stops:
-                stop.set()
 
     trio.run(main)
 
@@ -535,15 +545,7 @@ def test_an_owner_proves_its_registration_once_for_every_mailbox(
     monkeypatch.setattr(mailbox_owner, "prove", counted)
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            stops: list[trio.Event] = []
-
-            async def start(name: str, bootstrap: Node | None, **config: Any) -> Node:
-                started = _dht_node(tmp_path, name, bootstrap, **config)
-                stops.append(trio.Event())
-                await nursery.start(_run_node, started, stops[-1], trio.Event())
-                return started
-
+        async with dht_nodes(tmp_path) as start:
             a = await start("a", None, serve_mailbox=True)
             await start("b", a, serve_mailbox=True)
             owner = await start("owner", a, mailbox_count=2, mailbox_interval=1.0)
@@ -558,8 +560,6 @@ def test_an_owner_proves_its_registration_once_for_every_mailbox(
                 while len(owner.owner.my_mailboxes()) < 2:
                     await trio.sleep(0.2)
             assert len(proofs) == 1
-            for stop in stops:
-                stop.set()
 
     trio.run(main)
 
@@ -582,15 +582,7 @@ def test_an_owner_registers_with_mailboxes_it_knows_without_a_search(
     monkeypatch.setattr(mailbox_owner, "find_providers", finds_nothing)
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            stops: list[trio.Event] = []
-
-            async def start(name: str, bootstrap: Node | None, **config: Any) -> Node:
-                started = _dht_node(tmp_path, name, bootstrap, **config)
-                stops.append(trio.Event())
-                await nursery.start(_run_node, started, stops[-1], trio.Event())
-                return started
-
+        async with dht_nodes(tmp_path) as start:
             box = await start("box", None, serve_mailbox=True)
             owner = await start("owner", box, mailbox_count=2, mailbox_interval=1.0)
             with trio.fail_after(30):
@@ -602,8 +594,6 @@ def test_an_owner_registers_with_mailboxes_it_knows_without_a_search(
             with trio.fail_after(30):
                 while not searches:
                     await trio.sleep(0.2)
-            for stop in stops:
-                stop.set()
 
     trio.run(main)
 
@@ -620,15 +610,7 @@ def test_a_mailbox_advertises_again_when_new_peers_become_closest_to_its_key(
     monkeypatch.setattr(mailbox, "RESPREAD_GAP", 0.5)
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            stops: list[trio.Event] = []
-
-            async def start(name: str, bootstrap: Node | None, **config: Any) -> Node:
-                started = _dht_node(tmp_path, name, bootstrap, **config)
-                stops.append(trio.Event())
-                await nursery.start(_run_node, started, stops[-1], trio.Event())
-                return started
-
+        async with dht_nodes(tmp_path) as start:
             box = await start("box", None, serve_mailbox=True, mailbox_interval=0.2)
             first = await start("n0", box)
             told: list[set[ID]] = []
@@ -653,8 +635,6 @@ def test_a_mailbox_advertises_again_when_new_peers_become_closest_to_its_key(
                     if len(told) > before and told[-1] == now and len(now) == 2:
                         break
                     await trio.sleep(0.2)
-            for stop in stops:
-                stop.set()
 
     trio.run(main)
 
