@@ -41,6 +41,11 @@ FAILED_FOR = 10.0  # seconds a peer none of whose addresses answered is not dial
 MOST_ADDRESSES = 8  # addresses tried per dial (a hostile peer may tell hundreds)
 
 
+def is_relayed(address: object) -> bool:
+    """Whether a multiaddr (or its text) goes through a circuit relay."""
+    return "/p2p-circuit" in str(address)
+
+
 class Dialer:
     def __init__(self, swarm: Swarm) -> None:
         self.swarm = swarm
@@ -92,7 +97,7 @@ class Dialer:
             return []
         usable = []
         for address in known:
-            if "/p2p-circuit" in str(address):
+            if is_relayed(address):
                 continue
             try:
                 if self.swarm.transport_manager.transport_for_dialing(address) is None:

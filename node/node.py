@@ -55,6 +55,7 @@ from .addresses import published
 from .contacts import KEY_CHANGE_WAIT, Contact
 from .conversations import Accepted, Conversations
 from .delivery import ENVELOPE_PROTOCOL, Courier, EnvelopeService
+from .dialing import is_relayed
 from .directory import DHT_PROTOCOL, RECORD_PROTOCOL, Directory, guard_dht, make_dht_validator
 from .host import Wire, build_host, check_listening, close_host
 from .limits import (
@@ -72,7 +73,7 @@ from .mailbox_owner import MailboxOwner
 from .mailbox_store import MailboxLimits, MailboxStore
 from .presence import PRESENCE_PROTOCOL, PresenceService
 from .reach import DIALBACK_PROTOCOL, PUBLIC, UNKNOWN, DialbackService, Reachability
-from .relay import Relays, is_relayed
+from .relay import Relays
 from .routing import RoutingUpkeep, remember_verified_envelopes, servers_only
 from .storage import Database
 from .transfers import Transfers

@@ -42,6 +42,7 @@ from libp2p.peer.id import ID
 from pigeon.protocol.frames import MAX_DIALBACK_FRAME, DialbackAnswer, DialbackRequest
 
 from .addresses import IPAddress, interface_addresses
+from .dialing import is_relayed
 from .framing import frame, read_frame
 
 log = logging.getLogger("pigeon.reach")
@@ -250,4 +251,4 @@ class Reachability:
 def _relayed(stream: INetStream) -> bool:
     connection = getattr(stream, "swarm_conn", None)
     addresses = connection.get_transport_addresses() if connection is not None else []
-    return any("/p2p-circuit" in str(a) for a in addresses)
+    return any(map(is_relayed, addresses))

@@ -48,6 +48,7 @@ from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
+from .dialing import is_relayed
 from .reach import BEHIND_NAT, Reachability
 from .routing import find_providers, known_serving
 
@@ -75,10 +76,6 @@ SEARCH_EVERY = 5 * 60.0  # seconds between searches for more relays while we hol
 SLOW_RELAY = 3.0  # seconds before one more relay is asked alongside a slow one
 DIRECT_HEAD_START = 2.0  # seconds a direct dial has before the relay is tried too
 RELAYED_DIAL_TIMEOUT = 5.0  # seconds for one dial through a relay
-
-
-def is_relayed(address: multiaddr.Multiaddr | str) -> bool:
-    return "/p2p-circuit" in str(address)
 
 
 def relayed_address(relay_address: str, relay: ID, us: ID) -> str:
