@@ -131,3 +131,29 @@ def test_a_peer_that_failed_is_not_dialled_again_at_once_unless_it_has_a_new_add
             assert calls >= 2 and a.get_network().get_connections(b.get_id())
 
     trio.run(main)
+
+
+def test_a_peer_telling_many_addresses_costs_at_most_eight_attempts() -> None:
+    """A hostile record may list hundreds of addresses: a dial tries the
+    first eight and fails with one clear error."""
+
+    async def main() -> tuple[int, str]:
+        async with running() as a, running() as b:
+            swarm = a.get_network()
+            single = swarm._dial_addr_single_attempt  # type: ignore[attr-defined]
+            calls = 0
+
+            async def counted(*args: object) -> object:
+                nonlocal calls
+                calls += 1
+                return await single(*args)
+
+            swarm._dial_addr_single_attempt = counted  # type: ignore[attr-defined]
+            many = [Multiaddr(closed_port()) for _ in range(40)]
+            with trio.fail_after(10), pytest.raises(SwarmException) as failed:
+                await a.connect(PeerInfo(b.get_id(), many))
+            return calls, str(failed.value)
+
+    calls, error = trio.run(main)
+    assert calls == dialing.MOST_ADDRESSES == 8
+    assert error.startswith("could not reach ")
