@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -473,6 +474,7 @@ def build_host(
 ) -> IHost:
     """``told``: the addresses identify gives peers (without ``/p2p``),
     in place of what the host listens on and what peers say they saw."""
+    wire = wire or Wire()
     key_pair = create_new_key_pair(device_seed)
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     host = new_host(
@@ -485,17 +487,26 @@ def build_host(
             high_watermark=CONNECTIONS_HIGH,
         ),
         listen_addrs=listen_addresses(listen),
-        transports=[_WireTCP(wire or Wire())],
+        transports=[_WireTCP(wire)],
         addrs_factory=None if told is None else lambda _: [multiaddr.Multiaddr(a) for a in told()],
     )
     network = host.get_network()
     assert isinstance(network, Swarm)
     Dialer(network).install()
+    _WIRES[host] = wire
     return host
 
 
+# Each host's wire, for ``close_host``.
+_WIRES: weakref.WeakKeyDictionary[IHost, Wire] = weakref.WeakKeyDictionary()
+
+
 async def close_host(host: IHost) -> None:
-    """Close listeners and connections even from a cancelled scope."""
+    """Close listeners and connections even from a cancelled scope, then
+    every socket py-libp2p left open (``Wire.close_all``)."""
     with trio.CancelScope(shield=True) as scope:
         scope.deadline = trio.current_time() + 5
         await host.close()
+    wire = _WIRES.get(host)
+    if wire is not None:
+        await wire.close_all()

@@ -221,7 +221,6 @@ class Node:
             await stack.enter_async_context(self.host.run(listen_addrs=listen))
             await check_listening(self.host, listen)
             await stack.enter_async_context(background_trio_service(self.dht))
-            stack.push_async_callback(self.wire.close_all)  # after the host is closed
             stack.push_async_callback(close_host, self.host)
             handlers = {
                 ENVELOPE_PROTOCOL: (self.envelopes.handle, ENVELOPE_STREAMS),
