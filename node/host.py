@@ -25,6 +25,7 @@ from libp2p.custom_types import THandler
 from libp2p.io.abc import ReadWriteCloser
 from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.io.trio import TrioTCPStream
+from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.connection.swarm_connection import SwarmConn
@@ -459,11 +460,30 @@ ConnectionPruner._is_connection_within_grace_period = _within_grace_or_used  # t
 # every peer it knows until it holds 200) make a full mesh of any network under
 # 200 nodes: each connection is a Noise handshake and an identify exchange at
 # both ends, and in a simulation of 100 nodes those alone saturate the loop.
-# The node dials towards the middle of these, prunes above the upper one
+# Above the upper bound the pruner closes connections idle for KEEP_USED_FOR
 # (never a contact's device or a mailbox of ours: ``Node.peer_connected``
-# protects them), and the DHT dials whom it asks regardless.
+# protects them), down towards the lower one; the DHT dials whom it asks
+# regardless.  Below the lower bound the node dials peers it knows, towards
+# the middle (``_dial_only_below_floor``).
 CONNECTIONS_LOW = 8
 CONNECTIONS_HIGH = 32
+
+_maybe_connect = AutoConnector.maybe_connect
+
+
+async def _dial_only_below_floor(self: AutoConnector) -> None:
+    """py-libp2p's auto-connector dials towards the middle of the bounds
+    whenever a node holds fewer, every 30 s and after every disconnect,
+    while the pruner trims towards the lower bound: in a network larger than
+    the upper bound each prune was followed by as many new dials, and each
+    new connection pushed its other end over the bound to prune in turn (7
+    new connections per node a minute, idle, at 100 nodes).  Between the
+    bounds a node now keeps what it has."""
+    if self.swarm.get_total_connections() < self.swarm.connection_config.min_connections:
+        await _maybe_connect(self)
+
+
+AutoConnector.maybe_connect = _dial_only_below_floor  # type: ignore[method-assign]
 
 
 def build_host(

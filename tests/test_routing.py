@@ -695,6 +695,39 @@ def test_a_real_connection_notes_its_streams() -> None:
     trio.run(main)
 
 
+def test_a_node_between_its_connection_bounds_dials_no_one() -> None:
+    """py-libp2p dialled towards the middle of the bounds after every
+    disconnect, while the pruner trimmed towards the lower one: above the
+    upper bound's worth of nodes, connections churned while idle."""
+    from pigeon.node.host import CONNECTIONS_LOW, build_host
+
+    async def main() -> None:
+        hosts = [build_host(bytes([90 + i]) * 32, ["/ip4/127.0.0.1/tcp/0"]) for i in range(22)]
+        async with contextlib.AsyncExitStack() as stack:
+            for host in hosts:
+                await stack.enter_async_context(host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]))
+                stack.push_async_callback(close_host, host)
+            a, *others = hosts
+            for other in others:  # a knows every one of them
+                a.get_peerstore().add_addrs(other.get_id(), other.get_addrs(), 3600)
+            for other in others[:12]:
+                await a.connect(PeerInfo(other.get_id(), other.get_addrs()))
+            network = a.get_network()
+            await network.auto_connector.maybe_connect()
+            await trio.sleep(0.5)
+            assert network.get_total_connections() == 12
+
+            for other in others[:7]:  # below the floor: it dials again
+                for connection in network.get_connections(other.get_id()):
+                    await connection.close()
+            with trio.fail_after(15):
+                while network.get_total_connections() < CONNECTIONS_LOW:
+                    await network.auto_connector.maybe_connect()
+                    await trio.sleep(0.1)
+
+    trio.run(main)
+
+
 def test_only_peers_that_serve_the_dht_enter_the_routing_table() -> None:
     """py-libp2p adds any peer that opens a DHT stream to us ("it must be a
     server"); a client behind NAT asks too, and in others' tables it made
