@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Any
 
 import pytest
 import trio
@@ -187,3 +188,44 @@ def test_closing_a_host_closes_every_socket_it_opened() -> None:
             trio.run(once)
     assert len(opened) >= 60
     assert [sock for sock in opened if sock.fileno() != -1] == []
+
+
+def test_a_notifee_that_raises_on_a_stream_event_harms_neither_the_stream_nor_the_others() -> None:
+    class Counting:
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
+            self.events: list[str] = []
+
+        def __getattr__(self, event: str) -> Any:
+            async def record(network: object, *args: object) -> None:
+                self.events.append(event)
+                if self.fail:
+                    raise RuntimeError("a faulty notifee")
+
+            return record
+
+    async def main() -> tuple[list[str], list[str], bytes]:
+        a, b = (build_host(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"]) for _ in range(2))
+
+        async def echo(stream: INetStream) -> None:
+            await stream.write(await stream.read(5))
+            await stream.close()
+
+        b.set_stream_handler(ECHO, echo)
+        faulty, healthy = Counting(fail=True), Counting(fail=False)
+        async with a.run(listen_addrs=[LOOPBACK]), b.run(listen_addrs=[LOOPBACK]):
+            await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+            a.get_network().register_notifee(faulty)  # type: ignore[arg-type]
+            a.get_network().register_notifee(healthy)  # type: ignore[arg-type]
+            with trio.fail_after(10):
+                stream = await a.new_stream(b.get_id(), [ECHO])
+                await stream.write(b"hello")
+                answer = await stream.read(5)
+                await stream.close()
+            await close_host(a)
+            await close_host(b)
+        return faulty.events, healthy.events, answer
+
+    faulty, healthy, answer = trio.run(main)
+    assert answer == b"hello"
+    assert "opened_stream" in faulty and "opened_stream" in healthy
