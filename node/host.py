@@ -35,7 +35,7 @@ from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.stream_muxer.yamux.yamux import YamuxStream
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.transport.exceptions import OpenConnectionError
 from libp2p.transport.tcp.tcp import TCP, TCPListener
 
@@ -241,6 +241,17 @@ async def _release_window_in_halves(stream: YamuxStream, *, bytes_read: int = 0)
 
 
 YamuxStream._auto_tune_and_send_window_update = _release_window_in_halves  # type: ignore[method-assign,assignment]
+
+
+async def _no_round_trip_pings(connection: Yamux) -> None:
+    """py-libp2p pings over every connection, both ends, every 30 s, to
+    measure a round trip that only its window tuning reads, and that tuning
+    is replaced above.  Across 465 idle connections the pings were three
+    quarters of the CPU (2.5% of a core against 0.6% without), and a node
+    holds more connections the larger the network."""
+
+
+Yamux._measure_rtt_loop = _no_round_trip_pings  # type: ignore[method-assign,assignment]
 
 
 def peer_id_for(device_seed: bytes) -> ID:

@@ -229,3 +229,28 @@ def test_a_notifee_that_raises_on_a_stream_event_harms_neither_the_stream_nor_th
     faulty, healthy, answer = trio.run(main)
     assert answer == b"hello"
     assert "opened_stream" in faulty and "opened_stream" in healthy
+
+
+def test_an_idle_connection_sends_no_pings() -> None:
+    """py-libp2p pinged over every connection every 30 s (the first after
+    half a second) for a round trip nothing of ours reads."""
+    frames: list[int] = []
+    write_frame = Yamux._write_frame
+
+    async def recording(self: Yamux, data: bytes) -> None:
+        frames.append(struct.unpack(">BBHII", data[:12])[1])
+        await write_frame(self, data)
+
+    async def main() -> None:
+        a, b = (build_host(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"]) for _ in range(2))
+        async with a.run(listen_addrs=[LOOPBACK]), b.run(listen_addrs=[LOOPBACK]):
+            await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+            await trio.sleep(1.5)
+            await close_host(a)
+            await close_host(b)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Yamux, "_write_frame", recording)
+        trio.run(main)
+    assert frames  # identify went both ways
+    assert 2 not in frames  # yamux type 2: ping
