@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.io.abc import ReadWriteCloser
@@ -254,3 +255,77 @@ def test_an_idle_connection_sends_no_pings() -> None:
         trio.run(main)
     assert frames  # identify went both ways
     assert 2 not in frames  # yamux type 2: ping
+
+
+class _Chunks(ReadWriteCloser):
+    """A socket that gives what it was loaded with, one chunk per read."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = list(chunks)
+        self.reads = 0
+        self.arrived = trio.Event()
+
+    async def read(self, n: int | None = None) -> bytes:
+        self.reads += 1
+        if not self.chunks:
+            await self.arrived.wait()
+        if not self.chunks:
+            return b""
+        chunk = self.chunks.pop(0)
+        if n is not None and len(chunk) > n:  # as a socket does: the rest stays
+            chunk, rest = chunk[:n], chunk[n:]
+            self.chunks.insert(0, rest)
+        return chunk
+
+    async def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+    def get_remote_address(self) -> tuple[str, int] | None:
+        return ("127.0.0.1", 1)
+
+
+def test_reads_are_served_from_what_the_socket_gave_in_order_and_nothing_twice() -> None:
+    async def main() -> None:
+        wire = Wire()
+        socket = _Chunks(b"\x00\x05hello\x00\x03abc", b"tail")
+        stream = wire.track(socket)
+        assert await stream.read(2) == b"\x00\x05"
+        assert await stream.read(5) == b"hello"
+        assert await stream.read(0) == b""
+        assert await stream.read(100) == b"\x00\x03abc"  # up to n: what is there
+        assert socket.reads == 1  # one system call for three messages
+        assert await stream.read(None) == b"tail"
+        socket.arrived.set()
+        assert await stream.read(4) == b""  # the end
+        assert wire.received == len(b"\x00\x05hello\x00\x03abc" + b"tail")
+
+    trio.run(main)
+
+
+def test_two_readers_at_once_lose_no_bytes() -> None:
+    async def main() -> list[bytes]:
+        socket = _Chunks(b"abcdef")
+        stream = Wire().track(socket)
+        socket.chunks = []  # the first read waits for bytes
+        got: list[bytes] = []
+
+        async def reader(n: int) -> None:
+            got.append(await stream.read(n))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader, 2)
+            await trio.testing.wait_all_tasks_blocked()
+            socket.chunks = [b"abcdef", b"ghij"]
+            nursery.start_soon(reader, 2)  # finds nothing buffered: reads the socket too
+            await trio.testing.wait_all_tasks_blocked()
+            socket.arrived.set()  # the first reader's bytes come after the second's
+        while chunk := await stream.read(None):
+            got.append(chunk)
+        return got
+
+    got = trio.run(main)
+    assert sorted(b"".join(got)) == sorted(b"abcdefghij")
+    assert len(b"".join(got)) == 10
