@@ -12,7 +12,7 @@ network settles (``--settle`` seconds after the last registration, or after
 its CPU is counted: by default 600, the period of the DHT's routing-table
 refresh and of a node's republishing, so that each node's periodic work is
 counted once whatever its phase (a shorter window at 100 nodes, whose
-set-up takes about as long, caught most of them refreshing together).
+set-up takes about as long, caught many of them refreshing at once).
 After that, ``--askers`` nodes look up every node's record in the DHT, one
 lookup at a time.
 
