@@ -4,6 +4,7 @@ counts the bytes it carries (``Wire``)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -499,6 +500,26 @@ def _within_grace_or_used(
 
 
 SwarmConn._add_stream = _add_stream_noting_use  # type: ignore[method-assign]
+
+_handle_muxed_stream = SwarmConn._handle_muxed_stream
+
+
+async def _handle_stream_contained(self: SwarmConn, muxed_stream: IMuxedStream) -> None:
+    """py-libp2p runs each incoming stream's handler in the nursery that
+    accepts the connection's streams: a handler that raised (its own
+    identify or ping reading a stream the peer had closed, say: a read at the
+    end raises) ended that nursery, and the connection stayed open accepting
+    no stream again.  Every later stream the peer opened on it waited 10 s
+    for an answer and failed.  A handler's error now ends its stream only."""
+    try:
+        await _handle_muxed_stream(self, muxed_stream)
+    except Exception as error:
+        log.debug("a stream handler for %s raised: %r", self.muxed_conn.peer_id, error)
+        with contextlib.suppress(Exception):
+            await muxed_stream.reset()
+
+
+SwarmConn._handle_muxed_stream = _handle_stream_contained  # type: ignore[method-assign]
 ConnectionPruner._is_connection_within_grace_period = _within_grace_or_used  # type: ignore[method-assign]
 
 

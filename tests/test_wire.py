@@ -329,3 +329,44 @@ def test_two_readers_at_once_lose_no_bytes() -> None:
     got = trio.run(main)
     assert sorted(b"".join(got)) == sorted(b"abcdefghij")
     assert len(b"".join(got)) == 10
+
+
+def test_a_stream_handler_that_raises_leaves_the_connection_open_to_new_streams() -> None:
+    """py-libp2p let a handler's error end the loop that accepts the
+    connection's streams: the connection stayed, and took no stream again."""
+    handled: list[str] = []
+
+    async def main() -> bytes:
+        a, b = (build_host(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"]) for _ in range(2))
+
+        async def read_to_the_end(stream: INetStream) -> None:
+            handled.append("read")
+            while True:
+                await stream.read(100)  # at the end py-libp2p raises StreamEOF
+
+        async def echo(stream: INetStream) -> None:
+            await stream.write(await stream.read(5))
+            await stream.close()
+
+        b.set_stream_handler(ECHO, echo)
+        b.set_stream_handler(RAISES, read_to_the_end)
+        async with a.run(listen_addrs=[LOOPBACK]), b.run(listen_addrs=[LOOPBACK]):
+            await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+            with trio.fail_after(5):
+                first = await a.new_stream(b.get_id(), [RAISES])
+                await first.write(b"x")
+                await first.close()  # b's handler reads on, and raises at the end
+                await trio.sleep(0.2)
+                second = await a.new_stream(b.get_id(), [ECHO])  # the same connection
+                await second.write(b"hello")
+                answer = await second.read(5)
+            assert len(a.get_network().get_connections(b.get_id())) == 1
+            await close_host(a)
+            await close_host(b)
+        return answer
+
+    assert trio.run(main) == b"hello"
+    assert handled == ["read"]
+
+
+RAISES = TProtocol("/pigeon-test/raises/1.0.0")
