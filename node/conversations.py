@@ -464,9 +464,10 @@ class Conversations:
                         "UPDATE pending_out SET session = ? WHERE message_id = ?",
                         (session.base_key, message_id),
                     )
+                    # whatever it waited for (a record, a session) it has now
                     self.db.execute(
                         "UPDATE messages SET status = 'pending', reason = NULL"
-                        " WHERE id = ? AND status = 'failed'",
+                        " WHERE id = ? AND status IN ('pending', 'failed')",
                         (message_id,),
                     )
                 else:

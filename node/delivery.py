@@ -48,6 +48,8 @@ ENVELOPE_PROTOCOL = TProtocol("/pigeon/envelope/1.0.0")
 STREAM_IDLE = 2.0  # seconds a delivery stream waits for more before closing
 MAX_BACKOFF = 60.0
 WAITING_FOR_RECORD = "waiting for the contact's directory record (none current is known)"
+NO_MAILBOX = "the contact's node could not be reached and it lists no mailbox; sent when it is back"
+UNREACHABLE = "neither the contact's node nor its mailboxes could be reached; trying again"
 
 Accept = Callable[[list[bytes], object], list[AckStatus]]
 
@@ -145,6 +147,8 @@ class Courier:
                 delivered = await self._deliver_to(contact)
             if not delivered and contact.record is not None and contact.record.mailboxes:
                 await self._deposit(contact)
+            elif not delivered:
+                self.conv.note_waiting(key, NO_MAILBOX)
         except UnknownContact:
             return  # removed meanwhile
         except Exception as error:  # one contact's trouble must not stop the others
@@ -281,3 +285,5 @@ class Courier:
             self.stats["deposited"] += len(stored)
         elif refusals:
             self.conv.note_waiting(key, f"the contact's mailboxes refused it: {refusals[0]}")
+        else:
+            self.conv.note_waiting(key, UNREACHABLE)

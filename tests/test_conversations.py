@@ -150,6 +150,8 @@ def test_nothing_is_encrypted_without_a_session_or_a_record(pair):
     assert alice.pending_envelopes(b_key) == []
     alice.note_waiting(b_key, "waiting for the record")
     assert [m["reason"] for m in alice.inbox()] == ["waiting for the record"]
+    alice.encrypt_queued(b_key, record_of(bob))  # the record came: no longer waiting for it
+    assert [(m["status"], m["reason"]) for m in alice.inbox()] == [("pending", None)]
     flush(alice, bob)
     assert texts(bob) == ["waits"]
     assert [m["reason"] for m in alice.inbox()] == [None]

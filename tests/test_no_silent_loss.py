@@ -17,6 +17,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from daemons import FAST, PASSPHRASE, Daemon, mailbox_network, status, wait_for
 from helpers import deposit_token
+from pigeon.node.delivery import NO_MAILBOX, UNREACHABLE
 from pigeon.node.host import build_host, close_host
 from pigeon.node.mailbox import call
 from pigeon.node.storage import Database
@@ -186,6 +187,23 @@ def test_a_session_waits_visibly_while_no_current_record_is_known(tmp_path):
                 daemon.stop()
 
 
+def test_a_message_the_contact_cannot_get_yet_says_why(two):
+    """Bob offline, listing no mailbox: Alice's message is encrypted (her
+    node held Bob's record) and waits, saying for what, not for a record."""
+    alice, bob = two
+    add(alice, bob)
+    add(bob, alice)
+    bob.stop()
+    alice.cli("send", "bob", "when you are back")
+    wait_for(lambda: outgoing(alice)[0]["reason"] is not None, timeout=40)
+    (message,) = outgoing(alice)
+    assert message["status"] == "pending"
+    assert message["reason"] == NO_MAILBOX
+    bob.start()
+    wait_for(lambda: incoming(bob) == ["when you are back"], timeout=90)
+    wait_for(lambda: outgoing(alice)[0]["reason"] is None)
+
+
 @pytest.fixture
 def net(tmp_path: Path) -> Iterator[dict[str, Daemon]]:
     with mailbox_network(tmp_path) as nodes:
@@ -220,6 +238,23 @@ def test_long_texts_left_with_mailboxes_all_arrive(net):
         lambda: all(m["status"] == "delivered" for m in outgoing(alice)), timeout=120, interval=1
     )
     assert "replacing it" not in bob.log.read_text()  # no mailbox was dropped as failing
+
+
+def test_a_message_neither_the_contact_nor_its_mailboxes_take_says_so(net):
+    alice, bob = net["alice"], net["bob"]
+    add(alice, bob)
+    add(bob, alice)
+    wait_for(lambda: len(status(bob)["mailboxes"]) == 3, timeout=60)
+    wait_for(lambda: "left 100 one-time prekeys" in bob.log.read_text(), timeout=30)
+    alice.cli("send", "bob", "hi")
+    wait_for(lambda: incoming(bob) == ["hi"])
+    for name in ("bob", "box0", "box1", "box2"):
+        net[name].stop()
+    alice.cli("send", "bob", "while everyone is away")
+    wait_for(lambda: outgoing(alice)[-1]["reason"] is not None, timeout=60)
+    assert [(m["status"], m["reason"]) for m in outgoing(alice)][-1] == ("pending", UNREACHABLE)
+    bob.start()
+    wait_for(lambda: incoming(bob) == ["hi", "while everyone is away"], timeout=90)
 
 
 def test_junk_deposits_do_not_block_a_pickup(net):
