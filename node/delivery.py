@@ -172,9 +172,14 @@ class Courier:
         if not self.conv.needs_session(key):
             self.conv.encrypt_queued(key)
             return
-        contact = self.conv.contacts.get(key)
-        record = contact.record
-        if not is_current(record, self.clock()) or not (record and record.mailboxes):
+        # First the contact's own node: its record and a one-time prekey in
+        # one request, no proof of work (a mailbox asks one of strangers).
+        one_time_prekey = await self.directory.ask_prekey(key)
+        source = "from its node"
+        record = self.conv.contacts.get(key).record
+        if one_time_prekey is None and (
+            not is_current(record, self.clock()) or not (record and record.mailboxes)
+        ):
             # also when it lists no mailbox: a newer one may, with a one-time
             # prekey to take and somewhere to leave envelopes
             record = await self.directory.refresh(key)
@@ -182,12 +187,15 @@ class Courier:
             self.conv.note_waiting(key, WAITING_FOR_RECORD)
             log.info("no current directory record for contact %s yet", short_id(key))
             return
-        token = self.conv.deposit_token(key)
-        one_time_prekey = await take_prekey(self.host, record, token, self.clock)
+        if one_time_prekey is None:
+            token = self.conv.deposit_token(key)
+            one_time_prekey = await take_prekey(self.host, record, token, self.clock)
+            source = "from a mailbox"
         log.info(
-            "starting a session with contact %s %s a one-time prekey",
+            "starting a session with contact %s %s a one-time prekey%s",
             short_id(key),
             "with" if one_time_prekey else "without",
+            f" ({source})" if one_time_prekey else "",
         )
         self.conv.encrypt_queued(key, record, one_time_prekey)
 

@@ -53,7 +53,7 @@ from pigeon.protocol.frames import (
     RecordRequest,
 )
 from pigeon.protocol.keys import identity_id
-from pigeon.protocol.records import DHT_NAMESPACE, MAX_RECORD_SIZE, newest
+from pigeon.protocol.records import DHT_NAMESPACE, MAX_RECORD_SIZE, OneTimePrekey, newest
 
 from .contacts import ContactBook, is_current, short_id
 from .framing import frame, read_frame, serve_frames
@@ -380,8 +380,12 @@ class Directory:
         identity_key: bytes,
         build_record: Callable[[], bytes],
         clock: Callable[[], float],
+        give_prekey: Callable[[ID], OneTimePrekey | None] | None = None,
     ) -> None:
         self.host = host
+        # A fresh one-time prekey of ours for the peer asking, or None (not a
+        # contact's device, or it has enough of them outstanding).
+        self.give_prekey = give_prekey
         self.dht = dht
         self.contacts = contacts
         self.identity_key = identity_key
@@ -499,11 +503,14 @@ class Directory:
             return self.contacts.get(key).record
         done = self._looking[key] = trio.Event()
         try:
-            if await self._ask_contact(key, dial=False):
+            current, _ = await self._ask_contact(key, dial=False)
+            if current:
                 return self.contacts.get(key).record
             record = self.contacts.get(key).record
-            if not is_current(record, self.clock()) and await self._ask_contact(key, dial=True):
-                return self.contacts.get(key).record
+            if not is_current(record, self.clock()):
+                current, _ = await self._ask_contact(key, dial=True)
+                if current:
+                    return self.contacts.get(key).record
             last = self._looked_up.get(key)
             if (
                 last is None
@@ -541,10 +548,21 @@ class Directory:
         found = await self._look_up(key)
         return self.lookup_ms[-1], found
 
-    async def _ask_contact(self, key: bytes, *, dial: bool) -> bool:
-        """Ask the contact's devices for its record: those we are connected
-        to, or (``dial``) every address we know.  Whether we now hold a
-        current record."""
+    async def ask_prekey(self, key: bytes) -> OneTimePrekey | None:
+        """A one-time prekey from the contact's own node (with its record,
+        which is kept), over a connection we have or make within
+        ``ASK_TIMEOUT``: no mailbox and no proof of work.  None when no device
+        gave one (offline, or it does not know us as its contact yet)."""
+        return (await self._ask_contact(key, dial=True, prekey=True))[1]
+
+    async def _ask_contact(
+        self, key: bytes, *, dial: bool, prekey: bool = False
+    ) -> tuple[bool, OneTimePrekey | None]:
+        """Ask the contact's devices for its record (and, with ``prekey``, a
+        one-time prekey): those we are connected to, or (``dial``) every
+        address we know.  Whether a device answered and we now hold a current
+        record, and the prekey given (verified against the contact's identity
+        key)."""
         record = self.contacts.get(key).record
         where: dict[ID, list[Multiaddr]] = {}  # each device, with every address we know
         for device in record.devices if record is not None else ():
@@ -567,7 +585,8 @@ class Directory:
                         await self.dht.add_peer(info.peer_id)
                     stream = await self.host.new_stream(info.peer_id, [RECORD_PROTOCOL])
                     try:
-                        await stream.write(frame(RecordRequest(identity_id(key)).encode()))
+                        request = RecordRequest(identity_id(key), prekey)
+                        await stream.write(frame(request.encode()))
                         answer = RecordAnswer.decode(
                             await read_frame(stream, MAX_RECORD_ANSWER_FRAME, ASK_TIMEOUT)
                         )
@@ -576,26 +595,39 @@ class Directory:
                             await stream.close()
                 if answer.record is not None:
                     self.contacts.store_record(key, answer.record, int(self.clock()))
-            except ProtocolError as error:  # a forged record, or a forged move in one
-                log.warning("refused the record %s's device gave: %s", short_id(key), error)
+                if answer.prekey is not None and prekey:
+                    one_time = OneTimePrekey.decode(answer.prekey)
+                    one_time.verify(key)
+                    return is_current(self.contacts.get(key).record, self.clock()), one_time
+            except ProtocolError as error:  # forged: a record, a move in one, a prekey
+                log.warning("refused what %s's device gave: %s", short_id(key), error)
                 continue
             except Exception as error:
                 log.debug("asking %s for its record failed: %s", info.peer_id, error)
                 continue
-            if is_current(self.contacts.get(key).record, self.clock()):
-                return True
-        return False
+            if not prekey and is_current(self.contacts.get(key).record, self.clock()):
+                return True, None
+        return False, None
 
     async def handle_record(self, stream: INetStream) -> None:
         """Answer ``RECORD_PROTOCOL``: our record, to whoever names our identity
-        (what anyone who knows it can read in the DHT anyway)."""
+        (what anyone who knows it can read in the DHT anyway), and a one-time
+        prekey of ours when asked and ``give_prekey`` gives one to this peer."""
+        peer = stream.muxed_conn.peer_id
+        ours = identity_id(self.identity_key)
         builders = {
             identity_id(key): build
             for key, build in ((self.identity_key, self.build_record), *self._others.items())
         }
 
         def answer(data: bytes) -> bytes:
-            build = builders.get(RecordRequest.decode(data).identity_id)
-            return RecordAnswer(None if build is None else build()).encode()
+            request = RecordRequest.decode(data)
+            build = builders.get(request.identity_id)
+            given = None
+            if request.prekey and request.identity_id == ours and self.give_prekey is not None:
+                given = self.give_prekey(peer)
+            return RecordAnswer(
+                None if build is None else build(), given.encode() if given else None
+            ).encode()
 
         await serve_frames(stream, MAX_RECORD_REQUEST_FRAME, answer, "record")

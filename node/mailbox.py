@@ -119,7 +119,9 @@ async def take_prekey(
 ) -> OneTimePrekey | None:
     """Ask the contact's mailboxes for one of its one-time prekeys (paying
     with its deposit token, or with work); without one, X3DH runs with three
-    DHs."""
+    DHs.  The work is done once for all of them (they share the contact's
+    mailbox ID), and again only when its minute has passed."""
+    paid: dict[bytes, Request] = {}  # mailbox ID -> a request paid with work
     for entry in record.mailboxes:
         info = mailbox_peer(entry.peer_id, entry.addresses)
         try:
@@ -127,14 +129,17 @@ async def take_prekey(
                 request = Request(Op.TAKE_PREKEY, entry.mailbox_id, token=token)
             else:
                 window = int(clock() // 60)
-                work = await prove(
-                    Op.TAKE_PREKEY,
-                    entry.mailbox_id,
-                    struct.pack(">Q", window),
-                    TAKE_PREKEY_WORK_BITS,
-                    _start(),
-                )
-                request = Request(Op.TAKE_PREKEY, entry.mailbox_id, work=work, window=window)
+                request = paid.get(entry.mailbox_id) or Request(Op.TAKE_PREKEY)
+                if request.window < window - 1:  # none yet, or its minute is over
+                    work = await prove(
+                        Op.TAKE_PREKEY,
+                        entry.mailbox_id,
+                        struct.pack(">Q", window),
+                        TAKE_PREKEY_WORK_BITS,
+                        _start(),
+                    )
+                    request = Request(Op.TAKE_PREKEY, entry.mailbox_id, work=work, window=window)
+                    paid[entry.mailbox_id] = request
             with trio.fail_after(5):
                 (reply,) = await call(host, info, [request])
             if reply.ok and reply.prekey:

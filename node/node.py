@@ -49,7 +49,8 @@ from pigeon.protocol import (
     Random,
 )
 from pigeon.protocol.frames import AckStatus
-from pigeon.protocol.records import Device, MailboxEntry
+from pigeon.protocol.keys import identity_id
+from pigeon.protocol.records import Device, MailboxEntry, OneTimePrekey
 
 from .addresses import published
 from .contacts import KEY_CHANGE_WAIT, Contact
@@ -87,6 +88,10 @@ log = logging.getLogger("pigeon.node")
 # issued (retired prekeys are kept that long), so a record lives two weeks.
 RECORD_LIFETIME = 14 * 24 * 3600
 EXPIRE_EVERY = 1.0  # seconds between looks for disappearing messages whose time is up
+# One-time prekeys handed to a contact's device directly: marked as given to
+# that contact (in place of a mailbox), at most this many outstanding each.
+DIRECT_PREKEY_MARK = b"direct:"
+DIRECT_PREKEYS = 8
 
 
 @dataclass
@@ -146,7 +151,13 @@ class Node:
         self._listeners: list[Callable[[Accepted], Awaitable[None]]] = []
 
         self.directory = Directory(
-            self.host, self.dht, self.contacts, conv.identity.public_key, self.record, clock
+            self.host,
+            self.dht,
+            self.contacts,
+            conv.identity.public_key,
+            self.record,
+            clock,
+            give_prekey=self._give_prekey,
         )
         previous = conv.previous_identity
         if previous is not None:
@@ -410,6 +421,21 @@ class Node:
             for device in record.devices if record else ():
                 self.spawn(self.presence.greet, ID(device.certificate.peer_id))
         return self.contacts.get(moved.identity_key)
+
+    def _give_prekey(self, peer: ID) -> OneTimePrekey | None:
+        """A new one-time prekey for a contact's device that asks us directly
+        (to start a session: no mailbox, no proof of work), at most
+        ``DIRECT_PREKEYS`` outstanding per contact; strangers get none (they
+        pay a mailbox with work)."""
+        key = self.contacts.for_peer(peer.to_bytes())
+        if key is None:
+            return None
+        given_to = DIRECT_PREKEY_MARK + identity_id(key)
+        prekeys = self.conversations.prekeys
+        if prekeys.outstanding(given_to) >= DIRECT_PREKEYS:
+            return None
+        (prekey,) = prekeys.new_one_time(1, given_to)
+        return prekey
 
     def is_online(self, contact: Contact) -> bool:
         """Online: a live connection to one of its devices, which announced itself."""

@@ -24,7 +24,8 @@ MAX_ACK_FRAME = MAX_BATCH * 64
 MAX_PRESENCE_FRAME = 16
 MAX_NOTICE_FRAME = 64
 MAX_RECORD_REQUEST_FRAME = 32
-MAX_RECORD_ANSWER_FRAME = MAX_RECORD_SIZE + 16
+MAX_ONE_TIME_PREKEY_SIZE = 128  # an encoded OneTimePrekey is at most 111 bytes
+MAX_RECORD_ANSWER_FRAME = MAX_RECORD_SIZE + MAX_ONE_TIME_PREKEY_SIZE + 16
 MAX_DIALBACK_FRAME = 96
 MAX_OBSERVED = 64  # "/ip6/" and the longest IPv6 address, "/tcp/" and a port
 
@@ -128,16 +129,19 @@ class MailboxNotice:
 
 @dataclass(frozen=True)
 class RecordRequest:
-    """ "Your directory record, if you are this identity" (its 20-byte ID)."""
+    """ "Your directory record, if you are this identity" (its 20-byte ID);
+    with ``prekey``, "and a one-time prekey of yours" (to start a session)."""
 
     identity_id: bytes
+    prekey: bool = False
 
     def encode(self) -> bytes:
-        return Writer().bytes_(1, self.identity_id).finish()
+        return Writer().bytes_(1, self.identity_id).uint(2, int(self.prekey)).finish()
 
     @classmethod
     def decode(cls, data: bytes) -> RecordRequest:
-        return cls(Fields(data).bytes_(1, size=IDENTITY_ID_SIZE))
+        f = Fields(data)
+        return cls(f.bytes_(1, size=IDENTITY_ID_SIZE), bool(f.uint(2, maximum=1)))
 
 
 @dataclass(frozen=True)
@@ -176,15 +180,19 @@ class DialbackAnswer:
 @dataclass(frozen=True)
 class RecordAnswer:
     """The asked identity's signed directory record, or nothing when the
-    node answering is not that identity.  Checked by whoever asked, as a
-    record found in the DHT is."""
+    node answering is not that identity; and, when asked for and given, an
+    encoded one-time prekey.  Both checked by whoever asked, as a record
+    found in the DHT and a prekey from a mailbox are."""
 
     record: bytes | None
+    prekey: bytes | None = None
 
     def encode(self) -> bytes:
-        return Writer().bytes_(1, self.record or b"").finish()
+        return Writer().bytes_(1, self.record or b"").bytes_(2, self.prekey or b"").finish()
 
     @classmethod
     def decode(cls, data: bytes) -> RecordAnswer:
-        record = Fields(data).bytes_(1, required=False, max_size=MAX_RECORD_SIZE)
-        return cls(record or None)
+        f = Fields(data)
+        record = f.bytes_(1, required=False, max_size=MAX_RECORD_SIZE)
+        prekey = f.bytes_(2, required=False, max_size=MAX_ONE_TIME_PREKEY_SIZE)
+        return cls(record or None, prekey or None)

@@ -321,6 +321,7 @@ def _build_samples() -> dict[str, Sample]:
         (AckEntry(b"d" * 32, AckStatus.STORED), AckEntry(b"e" * 32, AckStatus.REFUSED))
     ).encode()
     deposit = Request(Op.DEPOSIT, b"b" * 16, envelope=ENVELOPE, ttl_s=3600, token=TOKEN).encode()
+    record_request = RecordRequest(b"i" * 20, prekey=True).encode()
     dialback = DialbackAnswer("/ip4/203.0.113.5/tcp/4001", True).encode()
     take_with_work = Request(Op.TAKE_PREKEY, b"b" * 16, work=b"w" * 8, window=29_000_000).encode()
     delete = Request(
@@ -503,9 +504,9 @@ def _build_samples() -> dict[str, Sample]:
         ),
         "record request frame": Sample(
             RecordRequest.decode,
-            RecordRequest(b"i" * 20).encode(),
-            None,
-            STRICT,
+            record_request,
+            field_end(record_request, 1),
+            "a request without field 2 asks for the record only",
             protobuf_prefix=b"",
         ),
         "dial-back request frame": Sample(
@@ -524,7 +525,7 @@ def _build_samples() -> dict[str, Sample]:
         ),
         "record answer frame": Sample(
             RecordAnswer.decode,
-            RecordAnswer(b"r" * 300).encode(),
+            RecordAnswer(b"r" * 300, b"p" * 111).encode(),
             0,
             "an empty frame says 'not this identity'",
             protobuf_prefix=b"",

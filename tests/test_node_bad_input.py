@@ -303,14 +303,14 @@ def test_a_node_gives_its_record_only_to_whoever_names_its_identity(pair):
     _, bob = pair
     code = ContactCode.parse(bob.id()["contact_code"])
 
-    async def ask(identity: bytes) -> RecordAnswer:
+    async def ask(identity: bytes, prekey: bool = False) -> RecordAnswer:
         host = build_host(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"])
         async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
             try:
                 info = info_from_p2p_addr(multiaddr.Multiaddr(bob.address))
                 await host.connect(info)
                 stream = await host.new_stream(info.peer_id, [RECORD_PROTOCOL])
-                await stream.write(frame(RecordRequest(identity).encode()))
+                await stream.write(frame(RecordRequest(identity, prekey).encode()))
                 return RecordAnswer.decode(await read_frame(stream, MAX_RECORD_ANSWER_FRAME, 5))
             finally:
                 await close_host(host)
@@ -322,3 +322,6 @@ def test_a_node_gives_its_record_only_to_whoever_names_its_identity(pair):
         answer.record, now=int(time.time()), identity_key=code.identity_key
     )
     assert bob.address.endswith(str(ID(record.devices[0].certificate.peer_id)))
+    # a one-time prekey only for its contacts' devices: a stranger gets none
+    answer = trio.run(ask, code.identity_id, True)
+    assert answer.record is not None and answer.prekey is None

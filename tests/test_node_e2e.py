@@ -182,11 +182,13 @@ def test_kill_9_of_the_receiver_loses_no_acknowledged_message(network):
 
 def test_a_reachable_contact_gives_its_record_itself(network):
     """Adding a contact whose node is up, and writing to it, takes no DHT
-    lookup: its record comes from its own node, over one request."""
+    lookup: its record comes from its own node, over one request, and the
+    session's one-time prekey too."""
     alice, bob = network["alice"], network["bob"]
     befriend(alice, bob)
     alice.cli("send", "bob", "straight to you")
     wait_for(lambda: texts(bob, "in") == ["straight to you"])
+    assert "with a one-time prekey (from its node)" in alice.log.read_text()
     for daemon in (alice, bob):
         client = Client(daemon.home)
         try:

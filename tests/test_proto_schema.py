@@ -620,18 +620,37 @@ def _(schema: Schema) -> Sample:
 @sample("RecordRequest")
 def _(schema: Schema) -> Sample:
     wanted = ALICE.identity_id
-    return codec_sample("RecordRequest", RecordRequest(wanted), {"identity_id": wanted})
+    return codec_sample(
+        "RecordRequest", RecordRequest(wanted), {"identity_id": wanted, "prekey": False}
+    )
+
+
+@sample("RecordRequest: and a one-time prekey")
+def _(schema: Schema) -> Sample:
+    wanted = ALICE.identity_id
+    return codec_sample(
+        "RecordRequest", RecordRequest(wanted, True), {"identity_id": wanted, "prekey": True}
+    )
 
 
 @sample("RecordAnswer: a record")
 def _(schema: Schema) -> Sample:
     record = b"\x0a\x01r" * 9  # opaque here: DirectoryRecord has samples of its own
-    return codec_sample("RecordAnswer", RecordAnswer(record), {"record": record})
+    return codec_sample("RecordAnswer", RecordAnswer(record), {"record": record, "prekey": None})
+
+
+@sample("RecordAnswer: a record and a one-time prekey")
+def _(schema: Schema) -> Sample:
+    record = b"\x0a\x01r" * 9
+    prekey = b"\x08\x07" + b"p" * 100  # opaque here: OneTimePrekey has samples of its own
+    return codec_sample(
+        "RecordAnswer", RecordAnswer(record, prekey), {"record": record, "prekey": prekey}
+    )
 
 
 @sample("RecordAnswer: not this identity")
 def _(schema: Schema) -> Sample:
-    return codec_sample("RecordAnswer", RecordAnswer(None), {"record": None})
+    return codec_sample("RecordAnswer", RecordAnswer(None), {"record": None, "prekey": None})
 
 
 @sample("DialbackRequest")

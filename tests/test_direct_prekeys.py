@@ -1,0 +1,110 @@
+"""A session with a contact whose node is up starts with a one-time prekey
+from that node itself (no mailbox, no proof of work), over real py-libp2p
+hosts and real SQLCipher databases.  Contacts' devices only, and a bounded
+number each: a stranger pays a mailbox with work instead."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from test_routing import dht_nodes
+
+from pigeon.node.node import DIRECT_PREKEYS, Node
+from pigeon.protocol import ContactCode
+from pigeon.protocol.records import MailboxEntry
+
+
+def key_of(node: Node) -> bytes:
+    return node.conversations.identity.public_key
+
+
+async def befriend(a: Node, b: Node) -> None:
+    await a.add_contact(ContactCode.parse(b.contact_code()), None)
+
+
+def test_a_contact_s_node_gives_its_contacts_one_time_prekeys_a_few_each(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with dht_nodes(tmp_path) as start:
+            alice = await start("alice", None)
+            bob = await start("bob", alice)
+            carol = await start("carol", alice)
+            with trio.fail_after(60):
+                await befriend(alice, bob)
+                await befriend(bob, alice)
+                await befriend(carol, bob)  # Bob has not added Carol
+                bob_key = key_of(bob)
+                given = [await alice.directory.ask_prekey(bob_key) for _ in range(DIRECT_PREKEYS)]
+                # one more than the bound: none, until a session uses one up
+                assert await alice.directory.ask_prekey(bob_key) is None
+                assert await carol.directory.ask_prekey(bob_key) is None
+            assert carol.contacts.get(bob_key).record is not None  # the record all the same
+            ids = set()
+            for prekey in given:
+                assert prekey is not None
+                prekey.verify(bob_key)
+                # Bob keeps its private half, to answer the session it starts
+                assert bob.conversations.prekeys.one_time_private(prekey.prekey_id) is not None
+                ids.add(prekey.prekey_id)
+            assert len(ids) == DIRECT_PREKEYS
+
+    trio.run(main)
+
+
+def test_the_first_message_to_a_contact_that_is_up_uses_a_prekey_from_its_node(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pigeon")
+
+    async def main() -> None:
+        async with dht_nodes(tmp_path) as start:
+            alice = await start("alice", None)
+            bob = await start("bob", alice)  # neither has a mailbox
+            with trio.fail_after(60):
+                await befriend(alice, bob)
+                await befriend(bob, alice)
+                bob_key = key_of(bob)
+                before = bob.conversations.db.all("SELECT id FROM one_time_prekeys")
+                alice.conversations.send_text(bob_key, "hello")
+                alice.courier.wake(bob_key, now=True)
+                while not [m for m in bob.conversations.inbox() if m["direction"] == "in"]:
+                    await trio.sleep(0.1)
+            # the prekey Bob made for Alice is gone again: used, once
+            assert bob.conversations.db.all("SELECT id FROM one_time_prekeys") == before
+
+    trio.run(main)
+    assert "with a one-time prekey (from its node)" in caplog.text
+
+
+def test_taking_a_prekey_from_mailboxes_proves_work_once_for_all_of_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The contact's mailboxes share its mailbox ID, so one proof pays at each:
+    three unreachable mailboxes cost one proof, not three."""
+    from types import SimpleNamespace
+
+    from pigeon.node import mailbox
+
+    proofs: list[bytes] = []
+    asked: list[bytes] = []
+
+    async def prove(op: object, box: bytes, subject: bytes, bits: int, start: int) -> bytes:
+        proofs.append(box)
+        return b"nonce"
+
+    async def call(host: object, info: object, requests: list[Any]) -> list[Any]:
+        asked.append(requests[0].work)
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(mailbox, "prove", prove)
+    monkeypatch.setattr(mailbox, "call", call)
+    peer = b"\x00\x24" + b"m" * 36
+    entries = [MailboxEntry(peer[:-1] + bytes([i]), b"b" * 16) for i in range(3)]
+    record = SimpleNamespace(mailboxes=entries, identity_key=b"k" * 32)
+    taken = trio.run(mailbox.take_prekey, None, record, b"", lambda: 1_800_000_000.0)
+    assert taken is None
+    assert proofs == [b"b" * 16]
+    assert asked == [b"nonce"] * 3
