@@ -75,6 +75,9 @@ LOOKUP_SAMPLES = 1000  # lookups remembered for `metrics`
 # among the closest) holds it again within this time, and a lookup meanwhile
 # still finds it at the others and at our own node.
 REPUBLISH_EVERY = 10 * 60
+# A changed record is published this long after the change (more changes in
+# that time go with it).
+REPUBLISH_SETTLE = 2.0
 # Peers closest to the record's key that are given a copy: enough that a
 # lookup, which asks the closest five first and stops at three copies, finds
 # three while some of them are away.
@@ -185,6 +188,17 @@ async def publish(
     each start of a node published the record twice.  We republish
     (``Directory.run``), so the key is not left in the library's list."""
     key = dht_key(identity_key).encode()
+    peers = await dht.peer_routing.find_closest_peers_network(key)
+    closest = [p for p in peers if p != dht.local_peer_id][:PUBLISH_COPIES]
+    stored = await store_at(dht, record, identity_key, [p for p in closest if p not in holders])
+    return stored, peers
+
+
+async def store_at(
+    dht: KadDHT, record: bytes, identity_key: bytes, peers: Collection[ID]
+) -> set[ID]:
+    """Store our record with us and at ``peers``, all at once: those that took it."""
+    key = dht_key(identity_key).encode()
     dht.value_store.put(key, record)
     dht.value_store.local_keys.discard(key)
     stored: set[ID] = set()
@@ -197,13 +211,11 @@ async def publish(
         except Exception as error:  # a peer's failure is not ours
             log.debug("storing our record at %s failed: %s", peer, error)
 
-    peers = await dht.peer_routing.find_closest_peers_network(key)
-    closest = [p for p in peers if p != dht.local_peer_id][:PUBLISH_COPIES]
     async with trio.open_nursery() as nursery:
-        for peer in closest:
-            if peer not in holders:
+        for peer in peers:
+            if peer != dht.local_peer_id:
                 nursery.start_soon(store, peer)
-    return stored, peers
+    return stored
 
 
 async def lookup(dht: KadDHT, identity_key: bytes) -> list[bytes]:
@@ -413,17 +425,37 @@ class Directory:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch)
+            walk = True
             while True:
-                await self.publish()
+                await self.publish(walk=walk)
+                walk = True
                 with trio.move_on_after(REPUBLISH_EVERY):
                     await self._republish.wait()
+                    walk = False
+                    # what changed often changes again at once (registering
+                    # with three mailboxes, one after the other): one publish
+                    await trio.sleep(REPUBLISH_SETTLE)
                 self._republish = trio.Event()
 
-    async def publish(self) -> None:
+    async def publish(self, *, walk: bool = True) -> None:
+        """Publish our records: to the closest peers a walk of the DHT finds
+        (at start, and every ``REPUBLISH_EVERY``), or, when only the record
+        changed (``walk`` false), to the peers that took the last one and the
+        closest in our routing table, with no walk, unless fewer than half of
+        those holders take it."""
         async with self._publishing:
             for key, build in ((self.identity_key, self.build_record), *self._others.items()):
                 try:
                     record = build()
+                    last = self._published.get(key)
+                    if not walk and last is not None and last.holders:
+                        stored = await store_at(
+                            self.dht, record, key, last.holders | set(self._closest(key))
+                        )
+                        if 2 * len(stored & last.holders) >= len(last.holders):
+                            self._published[key] = Published(record, stored, last.known)
+                            log.info("directory record %s updated", short_id(key))
+                            continue
                     stored, peers = await publish(self.dht, record, key)
                     self._published[key] = Published(record, stored)
                     self._seen(key, peers)

@@ -489,6 +489,47 @@ def test_a_record_published_by_two_nodes_reaches_the_closest_peers_as_the_networ
     trio.run(main)
 
 
+def test_a_changed_record_goes_to_its_holders_without_a_walk(tmp_path: Path) -> None:
+    """A record that only changed (a new mailbox, a new address) is stored
+    where the last one went, with no new walk of the DHT: that walk was a
+    third of a starting node's DHT requests (it changes its record once for
+    each mailbox it registers with)."""
+    from pigeon.protocol import DirectoryRecord, dht_key
+
+    async def main() -> None:
+        async with dht_nodes(tmp_path) as start:
+            a = await start("a", None)
+            b = await start("b", a)  # its first publish walks to a
+            key = b.conversations.identity.public_key
+
+            def sequence_at(node: Node) -> int:
+                held = node.dht.value_store.get(dht_key(key).encode())
+                if held is None:
+                    return -1
+                now = int(time.time())
+                return DirectoryRecord.verify(held.value, now=now, identity_key=key).sequence
+
+            with trio.fail_after(20):
+                while sequence_at(a) < 0:
+                    await trio.sleep(0.2)
+            walks: list[bytes] = []
+            walk = b.dht.peer_routing.find_closest_peers_network
+
+            async def counted(key_bytes: bytes) -> list[ID]:
+                walks.append(key_bytes)
+                return await walk(key_bytes)
+
+            b.dht.peer_routing.find_closest_peers_network = counted  # type: ignore[method-assign]
+            before = sequence_at(a)
+            b.directory.republish()
+            with trio.fail_after(20):
+                while sequence_at(a) <= before:
+                    await trio.sleep(0.2)
+            assert walks == []
+
+    trio.run(main)
+
+
 def test_a_lookup_whose_walk_does_not_end_asks_the_closest_peers_it_knows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
