@@ -441,8 +441,8 @@ class Directory:
         """Publish our records: to the closest peers a walk of the DHT finds
         (at start, and every ``REPUBLISH_EVERY``), or, when only the record
         changed (``walk`` false), to the peers that took the last one and the
-        closest in our routing table, with no walk, unless fewer than half of
-        those holders take it."""
+        closest in our routing table, with no walk, unless none of those
+        holders takes it."""
         async with self._publishing:
             for key, build in ((self.identity_key, self.build_record), *self._others.items()):
                 try:
@@ -452,7 +452,7 @@ class Directory:
                         stored = await store_at(
                             self.dht, record, key, last.holders | set(self._closest(key))
                         )
-                        if 2 * len(stored & last.holders) >= len(last.holders):
+                        if stored & last.holders:
                             self._published[key] = Published(record, stored, last.known)
                             log.info("directory record %s updated", short_id(key))
                             continue
