@@ -66,13 +66,9 @@ LOOKUP_AT_ONCE = 5  # closest peers asked for the record together
 LOOKUP_COPIES = 3  # copies from peers after which a lookup asks no more of them
 LOOKUP_FALLBACK = 20  # peers of the routing table asked when the walk does not end
 # A contact's record is looked up in the DHT at most this often while the one
-# we hold is current (counted from the last lookup, or from the last record
-# its own node gave us): a courier retrying an offline contact, and everything
-# else that wants the record meanwhile, is answered from what we hold.  A
-# contact that changed its record while away gives it to us itself when it
-# is back (it greets its contacts, and we ask it); meanwhile what we hold
-# still names its mailboxes.
-LOOKUP_AGAIN_AFTER = 600.0
+# we hold is current: a courier retrying an offline contact, and everything
+# else that wants the record meanwhile, is answered from what we hold.
+LOOKUP_AGAIN_AFTER = 60.0
 LOOKUP_SAMPLES = 1000  # lookups remembered for `metrics`
 # Our record is published again this often, with a new sequence number, to the
 # peers closest to its key.  A peer that lost it (evicted, restarted, or new
@@ -641,11 +637,8 @@ class Directory:
             except Exception as error:
                 log.debug("asking %s for its record failed: %s", info.peer_id, error)
                 continue
-            if is_current(self.contacts.get(key).record, self.clock()):
-                if answer.record is not None:  # from its owner: as fresh as a lookup's
-                    self._looked_up[key] = trio.current_time()
-                if not prekey:
-                    return True, None
+            if not prekey and is_current(self.contacts.get(key).record, self.clock()):
+                return True, None
         return False, None
 
     async def handle_record(self, stream: INetStream) -> None:
