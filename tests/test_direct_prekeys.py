@@ -108,3 +108,33 @@ def test_taking_a_prekey_from_mailboxes_proves_work_once_for_all_of_them(
     assert taken is None
     assert proofs == [b"b" * 16]
     assert asked == [b"nonce"] * 3
+
+
+def test_a_prekey_not_signed_by_the_contact_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node that answers with a one-time prekey its identity did not sign
+    (a bug, or a device that is not what it claims) gives the asker nothing
+    to start a session with: the asker falls back to the mailboxes."""
+    import os
+
+    from pigeon.protocol import IdentityKeyPair
+    from pigeon.protocol.records import OneTimePrekey
+
+    caplog.set_level(logging.WARNING, logger="pigeon")
+
+    async def main() -> None:
+        async with dht_nodes(tmp_path) as start:
+            alice = await start("alice", None)
+            bob = await start("bob", alice)
+            with trio.fail_after(60):
+                await befriend(alice, bob)
+                await befriend(bob, alice)
+                stranger = IdentityKeyPair(os.urandom(32))
+                forged, _ = OneTimePrekey.create(stranger, 7, os.urandom)
+                bob.directory.give_prekey = lambda peer: forged
+                assert await alice.directory.ask_prekey(key_of(bob)) is None
+            assert alice.contacts.get(key_of(bob)).record is not None  # the record still kept
+
+    trio.run(main)
+    assert "refused what" in caplog.text
