@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -167,6 +168,29 @@ def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.2) -> An
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
         time.sleep(interval)
+
+
+PUBLISHED = re.compile(r"published directory record|directory record \S+ updated")
+
+
+def record_published(
+    daemon: Daemon, after: str = "registered with mailbox", quiet: float = 4.0
+) -> None:
+    """Wait until the daemon has published its directory record as changed by
+    the last event logged as ``after`` (by default: its mailboxes): a publish
+    logged after that line, then ``quiet`` seconds with no other publish (one
+    begun before the change, of the old record, is followed by another)."""
+
+    def publishes() -> int:
+        text = daemon.log.read_text()
+        return len(PUBLISHED.findall(text, max(text.rfind(after), 0)))
+
+    wait_for(publishes, timeout=60)
+    seen, since = -1, time.monotonic()
+    while time.monotonic() - since < quiet:
+        if (count := publishes()) != seen:
+            seen, since = count, time.monotonic()
+        time.sleep(0.2)
 
 
 def status(daemon: Daemon) -> dict[str, Any]:

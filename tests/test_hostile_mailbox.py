@@ -19,7 +19,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 from nacl.signing import SigningKey
 
-from daemons import BOX, FAST, PASSPHRASE, Daemon, rss_mb, status, wait_for
+from daemons import BOX, FAST, PASSPHRASE, Daemon, record_published, rss_mb, status, wait_for
 from helpers import deposit_token
 from pigeon.node.framing import StreamClosed, frame, read_frame
 from pigeon.node.host import build_host, close_host
@@ -107,7 +107,7 @@ def test_a_challenge_flood_locks_no_owner_out(tmp_path: Path):
         alice.cli("contacts", "add", bob.id()["contact_code"], "--as", "bob")
         bob.cli("contacts", "add", alice.id()["contact_code"], "--as", "alice")
         wait_for(lambda: len(status(bob)["mailboxes"]) == 1, timeout=60)
-        time.sleep(2)  # Bob's record lists his mailbox
+        record_published(bob)
         _, bob_box = mailbox_of(bob)
         before = rss_mb(box)
 

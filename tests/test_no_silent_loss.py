@@ -15,7 +15,15 @@ import pytest
 import trio
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
-from daemons import FAST, PASSPHRASE, Daemon, mailbox_network, status, wait_for
+from daemons import (
+    FAST,
+    PASSPHRASE,
+    Daemon,
+    mailbox_network,
+    record_published,
+    status,
+    wait_for,
+)
 from helpers import deposit_token
 from pigeon.node.delivery import NO_MAILBOX, UNREACHABLE
 from pigeon.node.host import build_host, close_host
@@ -220,6 +228,7 @@ def acquainted(net: dict[str, Daemon]) -> tuple[Daemon, Daemon]:
     wait_for(lambda: "left 100 one-time prekeys" in bob.log.read_text(), timeout=30)
     bob.cli("send", "alice", "hi")
     wait_for(lambda: incoming(alice) == ["hi"])
+    record_published(bob)  # Bob's record lists his mailboxes
     return alice, bob
 
 
@@ -230,9 +239,6 @@ def test_long_texts_left_with_mailboxes_all_arrive(net):
     # They have talked before, so Alice holds Bob's deposit token and pays no
     # proof of work (tested in test_hostile_mailbox.py): this is about paging.
     alice, bob = acquainted(net)
-    import time
-
-    time.sleep(2)  # Bob's record with his mailboxes is published
     bob.stop()
     total = 70
     for i in range(total):
@@ -266,9 +272,7 @@ def test_junk_deposits_do_not_block_a_pickup(net):
     add(alice, bob)
     add(bob, alice)
     wait_for(lambda: len(status(bob)["mailboxes"]) == 3, timeout=60)
-    import time
-
-    time.sleep(2)
+    record_published(bob)
     db = Database.open(bob.home, PASSPHRASE)
     try:
         seed = db.get_meta("mailbox_seed")

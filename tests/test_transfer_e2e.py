@@ -7,13 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from daemons import Daemon, env, mailbox_network, status, wait_for
+from daemons import Daemon, env, mailbox_network, record_published, status, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -191,10 +190,8 @@ def test_an_offer_made_while_the_receiver_is_offline_waits_in_its_mailboxes(tmp_
         alice, bob = nodes["alice"], nodes["bob"]
         introduce(alice, bob)
         wait_for(lambda: len(status(bob)["mailboxes"]) == 3, 60)
-        # Bob's record names his mailboxes once he has published it, after
-        # leaving prekeys with each
         wait_for(lambda: bob.log.read_text().count("left 100 one-time prekeys") >= 3, 60)
-        time.sleep(2)
+        record_published(bob)
         bob.stop()
         source = random_file(tmp_path / "while-away.bin", 3_000_000)
         transfer_id = offer(alice, source)
