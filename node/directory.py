@@ -88,9 +88,9 @@ PUBLISH_COPIES = 8
 # them is a peer we did not know there (neither among those the last
 # lookup of the key found, nor among those that took the record), the record
 # is given, after SPREAD_AFTER seconds (peers join in bursts), to those of the
-# closest that do not hold it: one lookup and a store at each newcomer, at
-# most once every SPREAD_GAP seconds.  A network that does not change costs
-# nothing more; one that grows or churns, at most one lookup a minute.
+# closest that do not hold it: a store at each newcomer, no lookup, at most
+# once every SPREAD_GAP seconds.  A network that does not change costs
+# nothing more.
 WATCH_EVERY = 5.0
 SPREAD_AFTER = 5.0
 SPREAD_GAP = 60.0
@@ -497,19 +497,20 @@ class Directory:
     async def spread(self) -> None:
         """Store each record that has newcomers among its closest peers at
         those of the closest that do not hold it (the same record: nothing
-        changed in it)."""
+        changed in it).  No walk of the DHT: the newcomers are in our routing
+        table already, and the walk, repeated by every node as a network
+        starts or churns, cost more than all the stores together."""
         async with self._publishing:
             for key in self.newcomers():
                 published = self._published[key]
+                closest = [p for p in self._closest(key) if p not in published.holders]
                 try:
-                    stored, peers = await publish(
-                        self.dht, published.record, key, published.holders
-                    )
+                    stored = await store_at(self.dht, published.record, key, closest)
                 except Exception as error:
                     log.info("spreading the directory record failed: %s", error)
                     continue
                 published.holders |= stored
-                self._seen(key, peers)
+                self._seen(key, ())
                 self.spreads += 1
                 log.info(
                     "directory record %s given to %d new closest peer(s)",

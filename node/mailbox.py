@@ -26,6 +26,7 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.kad_dht.provider_store import ProviderStore
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
@@ -232,12 +233,13 @@ async def deposit(
 # time a lookup and a request to each of the 20 peers closest to the key, who
 # keep it for 48 hours); expired envelopes are deleted every minute.
 PROVIDE_EVERY = 10 * 60
-# Between those, again when a peer we did not know there joined the closest
-# to the key in our routing table (the network grew or changed: a search
-# asks those): at once while fewer than PROVIDE_TO were known, then at most
-# every RESPREAD_GAP seconds.
+# Between those, to each peer we did not know there that joined the closest to
+# the key in our routing table (the network grew or changed: a search asks
+# those), directly, with no lookup: at once while fewer than PROVIDE_TO were
+# known, then at most every RESPREAD_GAP seconds.
 RESPREAD_GAP = 60.0
 PROVIDE_TO = 20
+PROVIDE_TIMEOUT = 5.0  # seconds for one peer to take the announcement
 
 
 class MailboxPeer:
@@ -266,24 +268,43 @@ class MailboxPeer:
         self._pushing: OrderedDict[object, float] = OrderedDict()
 
     async def run(self) -> None:
-        provided = -math.inf
+        provided = spread = -math.inf
         told: set[ID] = set()  # the closest peers when we last advertised
         key = bytes.fromhex(PROVIDER_KEY)
         while True:
             closest = set(self.dht.routing_table.find_local_closest_peers(key, PROVIDE_TO))
-            since = trio.current_time() - provided
+            now = trio.current_time()
             # at once while we knew fewer peers than should hold it (at start: none)
-            soon = len(told) < PROVIDE_TO or since >= RESPREAD_GAP
-            if since >= PROVIDE_EVERY or (closest - told and soon):
-                try:
-                    await self.dht.provide(PROVIDER_KEY)
-                    provided, told = trio.current_time(), closest
-                except Exception as error:
-                    log.warning("advertising the mailbox failed: %s", error)
+            soon = len(told) < PROVIDE_TO or now - spread >= RESPREAD_GAP
+            try:
+                if now - provided >= PROVIDE_EVERY:
+                    await self.dht.provide(PROVIDER_KEY)  # a walk, then the closest it found
+                    provided = spread = now
+                    told = closest
+                elif closest - told and soon:
+                    await self._tell(key, closest - told)
+                    spread = now
+                    told = closest
+            except Exception as error:
+                log.warning("advertising the mailbox failed: %s", error)
             expired = self.store.expire(int(self.clock()))
             if expired:
                 log.info("deleted %d expired envelopes", expired)
             await trio.sleep(min(60.0, self.interval))
+
+    async def _tell(self, key: bytes, peers: set[ID]) -> None:
+        """Advertise to peers newly closest to the key in our routing table,
+        with no walk: they are known already (every node of a starting
+        network walking for each of them cost more than the requests)."""
+        store = self.dht.provider_store
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(self._tell_one, store, key, peer)
+
+    @staticmethod
+    async def _tell_one(store: ProviderStore, key: bytes, peer: ID) -> None:
+        with trio.move_on_after(PROVIDE_TIMEOUT):
+            await store._send_add_provider(peer, key)  # logs and returns False on failure
 
     def _notify_owner(self, box: bytes, peer: object) -> None:
         now = trio.current_time()

@@ -164,12 +164,19 @@ async def find_providers(dht: KadDHT, key: bytes, enough: int) -> list[PeerInfo]
     the peers closest to it name, asked nearest first, a few at a time,
     until ``enough`` distinct ones are known, or a few more peers named no
     new one (each of the closest holds every provider's announcement), or
-    all the closest were asked.  At most one lookup and 20 requests (10 in a
-    settled network), whatever the size of the network, and PROVIDERS_SEARCH
-    seconds: what was found by then is returned.  As in ``lookup``, the walk
-    to the closest peers gets half the time, and a walk that does not end
-    leaves the closest peers of our routing table to ask."""
+    all the closest were asked.
+
+    The closest peers of our routing table are asked first, with no walk of
+    the DHT: in a table that has seen a few dozen peers they are among the
+    closest of the network, and the walk was most of a search's cost (every
+    node searching at once as a network starts).  Only when they name no
+    provider at all does a walk find the closest peers to ask.  At most one
+    lookup and 40 requests, and PROVIDERS_SEARCH seconds: what was found by
+    then is returned.  As in ``lookup``, the walk gets half the time, and a
+    walk that does not end leaves the closest peers of our routing table."""
     found: dict[ID, PeerInfo] = {}
+    asked: set[ID] = {dht.local_peer_id}
+    named = False  # whether any peer asked named a provider
 
     def add(providers: list[PeerInfo]) -> None:
         for info in providers:
@@ -179,26 +186,39 @@ async def find_providers(dht: KadDHT, key: bytes, enough: int) -> list[PeerInfo]
     add(dht.provider_store.get_providers(key))
 
     async def ask(peer: ID) -> None:
+        nonlocal named
         try:
             with trio.move_on_after(PROVIDERS_TIMEOUT):
                 store = dht.provider_store
                 providers, _ = await store._get_providers_from_peer_with_closers(peer, key)
+                named = named or bool(providers)
                 add(providers)
         except Exception as error:  # a peer's failure is not ours
             log.debug("asking %s for providers failed: %s", peer, error)
 
-    if len(found) >= enough:
-        return list(found.values())
-    deadline = trio.current_time() + PROVIDERS_SEARCH
-    peers = await closest_peers(dht, key, PROVIDERS_SEARCH / 2, PROVIDERS_FALLBACK)
-    with trio.move_on_at(deadline):
+    async def ask_closest(peers: list[ID]) -> None:
+        peers = [peer for peer in peers if peer not in asked]
+        asked.update(peers)
         for start in range(0, len(peers), PROVIDERS_AT_ONCE):
             known = len(found)
             async with trio.open_nursery() as nursery:
                 for peer in peers[start : start + PROVIDERS_AT_ONCE]:
                     nursery.start_soon(ask, peer)
             if len(found) >= enough or (start and len(found) == known):
-                break
+                return
+
+    if len(found) >= enough:
+        return list(found.values())
+    deadline = trio.current_time() + PROVIDERS_SEARCH
+    with trio.move_on_at(deadline):
+        await ask_closest(dht.routing_table.find_local_closest_peers(key, PROVIDERS_FALLBACK))
+        if named or len(found) >= enough:
+            return list(found.values())
+    within = min(PROVIDERS_SEARCH / 2, deadline - trio.current_time())
+    if within > 0:
+        peers = await closest_peers(dht, key, within, PROVIDERS_FALLBACK)
+        with trio.move_on_at(deadline):
+            await ask_closest(peers)
     return list(found.values())
 
 

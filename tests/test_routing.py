@@ -271,23 +271,33 @@ class ProviderNetwork:
     """Stands in for a DHT: 20 peers closest to the key, each naming the
     providers it was told of; our own store holds an old copy."""
 
-    def __init__(self, named: list[PeerInfo], kept: list[PeerInfo], stuck: bool = False) -> None:
+    def __init__(
+        self,
+        named: list[PeerInfo],
+        kept: list[PeerInfo],
+        stuck: bool = False,
+        table: list[ID] | None = None,
+    ) -> None:
         self.local_peer_id = peer(0)
         self.asked: list[ID] = []
+        self.walks = 0
         self.named = named
         self.kept = kept
         self.stuck = stuck  # the walk to the closest peers never ends
+        # the closest peers of our routing table (by default, the closest)
+        self.table = [peer(i) for i in range(1, 21)] if table is None else table
         self.peer_routing = self
         self.provider_store = self
         self.routing_table = self
 
     async def find_closest_peers_network(self, key: bytes) -> list[ID]:
+        self.walks += 1
         if self.stuck:
             await trio.sleep_forever()
         return [peer(i) for i in range(1, 21)]
 
     def find_local_closest_peers(self, key: bytes, count: int) -> list[ID]:
-        return [peer(i) for i in range(1, 21)][:count]
+        return self.table[:count]
 
     def get_providers(self, key: bytes) -> list[PeerInfo]:
         return self.kept
@@ -296,7 +306,12 @@ class ProviderNetwork:
         self, who: ID, key: bytes
     ) -> tuple[list[PeerInfo], list[ID]]:
         self.asked.append(who)
-        return self.named, []
+        # peers far from the key (not among the 20 closest) were told of no provider
+        return (self.named if _closest(who) else []), []
+
+
+def _closest(who: ID) -> bool:
+    return who in {peer(i) for i in range(1, 21)}
 
 
 def peer(i: int) -> ID:
@@ -325,6 +340,27 @@ def test_providers_are_asked_of_the_closest_peers_and_only_of_a_few() -> None:
     network = ProviderNetwork([], [old, new])
     assert len(trio.run(find_providers, network, b"key", 2)) == 2
     assert network.asked == []
+
+
+def test_a_provider_search_asks_the_closest_peers_of_its_table_before_any_walk() -> None:
+    """Every node walked the DHT for each search, though its routing table
+    held peers close enough to name the providers: as a network of 100
+    started, those walks were most of what its one event loop did."""
+    from pigeon.node.routing import find_providers
+
+    address = [Multiaddr("/ip4/127.0.0.1/tcp/4001")]
+    box = PeerInfo(peer(50), address)
+    network = ProviderNetwork([box], [])
+    assert [i.peer_id for i in trio.run(find_providers, network, b"key", 3)] == [box.peer_id]
+    assert network.walks == 0
+    # A table that holds only far peers: they name none, so the walk is made,
+    # and the closest it finds are asked (not those asked already).
+    far = [peer(i) for i in range(30, 36)]
+    network = ProviderNetwork([box], [], table=far)
+    assert [i.peer_id for i in trio.run(find_providers, network, b"key", 3)] == [box.peer_id]
+    assert network.walks == 1
+    assert set(network.asked[: len(far)]) == set(far)
+    assert set(network.asked[len(far) :]) == {peer(i) for i in range(1, 11)}
 
 
 def test_a_provider_search_whose_walk_does_not_end_asks_the_closest_peers_it_knows() -> None:
@@ -644,38 +680,44 @@ def test_a_mailbox_advertises_again_when_new_peers_become_closest_to_its_key(
 ) -> None:
     """A mailbox advertised while the network was small; peers that joined
     since and became the closest to the key get the advertisement too,
-    without waiting for the 10-minute renewal (a search asks them)."""
+    without waiting for the 10-minute renewal (a search asks them), and
+    without a walk of the DHT for it."""
     from pigeon.node import mailbox
 
     monkeypatch.setattr(mailbox, "PROVIDE_TO", 2)
     monkeypatch.setattr(mailbox, "RESPREAD_GAP", 0.5)
+    key = bytes.fromhex(mailbox.PROVIDER_KEY)
 
     async def main() -> None:
         async with dht_nodes(tmp_path) as start:
             box = await start("box", None, serve_mailbox=True, mailbox_interval=0.2)
             first = await start("n0", box)
-            told: list[set[ID]] = []
+            walks = 0
             provide = box.dht.provide
 
             async def counted(key: str) -> bool:
-                key_bytes = bytes.fromhex(mailbox.PROVIDER_KEY)
-                told.append(set(box.dht.routing_table.find_local_closest_peers(key_bytes, 2)))
+                nonlocal walks
+                walks += 1
                 return await provide(key)
 
             box.dht.provide = counted  # type: ignore[method-assign]
-            with trio.fail_after(20):
-                while not told or len(told[-1]) < 1:
-                    await trio.sleep(0.1)
-            before = len(told)
+            nodes = [first]
             for n in range(1, 8):
-                await start(f"n{n}", first)
-            key_bytes = bytes.fromhex(mailbox.PROVIDER_KEY)
+                nodes.append(await start(f"n{n}", first))
+            by_id = {node.host.get_id(): node for node in nodes}
+
+            def told() -> bool:
+                closest = box.dht.routing_table.find_local_closest_peers(key, 2)
+                return len(closest) == 2 and all(
+                    box.host.get_id()
+                    in {i.peer_id for i in by_id[p].dht.provider_store.get_providers(key)}
+                    for p in closest
+                )
+
             with trio.fail_after(30):
-                while True:
-                    now = set(box.dht.routing_table.find_local_closest_peers(key_bytes, 2))
-                    if len(told) > before and told[-1] == now and len(now) == 2:
-                        break
+                while not told():
                     await trio.sleep(0.2)
+            assert walks <= 1  # the advertisement at start, if it came after the wrapper
 
     trio.run(main)
 
