@@ -37,7 +37,7 @@ from pigeon.protocol.mailbox import (
     work_done,
 )
 
-from .framing import read_frame
+from .framing import StreamClosed, read_frame
 from .mailbox import MAILBOX_PROTOCOL, PROVIDER_KEY, MailboxStream, call, mailbox_peer
 from .prekeys import Prekeys
 from .routing import find_providers, known_serving
@@ -481,6 +481,10 @@ class MailboxOwner:
             notice = MailboxNotice.decode(await read_frame(stream, MAX_NOTICE_FRAME, timeout=5))
             if notice.mailbox_id == self.mailbox_id and self.is_mailbox(peer):
                 self.collect_now.set()
+        except StreamClosed:
+            log.debug("peer=%s closed a mailbox notice stream before the notice", peer)
+        except trio.TooSlowError:
+            log.info("peer=%s sent no mailbox notice in time, closed", peer)
         except Exception as error:
             log.info("peer=%s sent a bad mailbox notice: %s", peer, type(error).__name__)
         finally:

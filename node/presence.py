@@ -16,7 +16,7 @@ from libp2p.peer.id import ID
 
 from pigeon.protocol.frames import MAX_PRESENCE_FRAME, Presence
 
-from .framing import frame, read_frame
+from .framing import StreamClosed, frame, read_frame
 from .limits import REFUSALS
 
 log = logging.getLogger("pigeon.presence")
@@ -78,6 +78,11 @@ class PresenceService:
                 self.on_contact(key)
             # answer with our own presence, to contacts only
             await stream.write(frame(Presence(key is not None and self.announce).encode()))
+        except StreamClosed:
+            log.debug("peer=%s closed a presence stream before its hello", peer)
+        except trio.TooSlowError:
+            # a peer's loop too busy to say hello in time, more often than hostility
+            REFUSALS.refused(peer, "peer=%s sent no presence hello in time, closed", peer)
         except Exception as error:
             REFUSALS.refused(
                 peer, "peer=%s sent a bad presence frame: %s", peer, type(error).__name__

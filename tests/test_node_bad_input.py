@@ -325,3 +325,32 @@ def test_a_node_gives_its_record_only_to_whoever_names_its_identity(pair):
     # a one-time prekey only for its contacts' devices: a stranger gets none
     answer = trio.run(ask, code.identity_id, True)
     assert answer.record is not None and answer.prekey is None
+
+
+def test_a_silent_presence_or_notice_stream_is_said_to_be_late_not_bad(pair):
+    """Under load, a peer's loop may not say its presence hello, or a
+    mailbox its notice, within the 5 s given.  The log said "bad presence
+    frame", as for hostile input: it now says the peer was late."""
+    _, bob = pair
+
+    async def say_nothing(protocol: str) -> None:
+        host = build_host(os.urandom(32), ["/ip4/127.0.0.1/tcp/0"])
+        async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            try:
+                info = info_from_p2p_addr(multiaddr.Multiaddr(bob.address))
+                await host.connect(info)
+                stream = await host.new_stream(info.peer_id, [TProtocol(protocol)])
+                with trio.move_on_after(7):
+                    with contextlib.suppress(StreamEOF):
+                        await stream.read(100)
+            finally:
+                await close_host(host)
+
+    before = len(log_of(bob))
+    trio.run(say_nothing, "/pigeon/presence/1.0.0")
+    trio.run(say_nothing, "/pigeon/mailbox-notify/1.0.0")
+    wait_for(lambda: "sent no presence hello in time" in log_of(bob)[before:], timeout=5)
+    wait_for(lambda: "sent no mailbox notice in time" in log_of(bob)[before:], timeout=5)
+    assert "bad presence frame" not in log_of(bob)[before:]
+    assert "bad mailbox notice" not in log_of(bob)[before:]
+    assert healthy(bob)
