@@ -272,6 +272,9 @@ class Node:
             try:
                 yield self
             finally:
+                # connection events still come while the host shuts down
+                # after the nursery: they start nothing
+                self._nursery = None
                 nursery.cancel_scope.cancel()
 
     def spawn(self, task: Callable[..., Awaitable[None]], *args: Any) -> None:

@@ -849,3 +849,26 @@ def test_only_peers_that_serve_the_dht_enter_the_routing_table() -> None:
 
     trio.run(main)
     assert added == [peer(1)]
+
+
+def test_a_connection_event_after_the_node_stopped_starts_nothing(tmp_path: Path) -> None:
+    """The host still reports connections while it shuts down, after the
+    node's nursery has closed: that raised "Nursery is closed to new
+    arrivals" from the connection callback at every stop."""
+    node = _dht_node(tmp_path, "a", None)
+    started: list[str] = []
+
+    async def task() -> None:
+        started.append("ran")
+
+    async def main() -> None:
+        async with node.running():
+            pass
+        node.spawn(task)
+        await trio.sleep(0)
+
+    try:
+        trio.run(main)
+    finally:
+        node.db.close()
+    assert started == []
