@@ -181,8 +181,9 @@ class Courier:
             not is_current(record, self.clock()) or not (record and record.mailboxes)
         ):
             # also when it lists no mailbox: a newer one may, with a one-time
-            # prekey to take and somewhere to leave envelopes
-            record = await self.directory.refresh(key)
+            # prekey to take and somewhere to leave envelopes.  Its devices
+            # were just asked: only the DHT is left.
+            record = await self.directory.refresh(key, asked=True)
         if record is None or record.expires_at <= self.clock():
             self.conv.note_waiting(key, WAITING_FOR_RECORD)
             log.info("no current directory record for contact %s yet", short_id(key))

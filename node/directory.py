@@ -518,7 +518,7 @@ class Directory:
                     len(stored),
                 )
 
-    async def refresh(self, key: bytes) -> DirectoryRecord | None:
+    async def refresh(self, key: bytes, *, asked: bool = False) -> DirectoryRecord | None:
         """Find a contact's newest record; the newest we now hold.
 
         First from the contact itself, over a connection we already have to
@@ -527,8 +527,10 @@ class Directory:
         were (its last record, its contact code), since a node that just
         started may be in no one's routing table yet.  Otherwise, or when
         that fails, in the DHT, though not again within
-        ``LOOKUP_AGAIN_AFTER`` while what we hold is current.  Callers asking
-        while a refresh is under way wait for that one.
+        ``LOOKUP_AGAIN_AFTER`` while what we hold is current.  ``asked``:
+        the caller has just asked (and dialled) the contact's devices, so
+        only the DHT is left.  Callers asking while a refresh is under way
+        wait for that one.
         """
         running = self._looking.get(key)
         if running is not None:
@@ -536,11 +538,11 @@ class Directory:
             return self.contacts.get(key).record
         done = self._looking[key] = trio.Event()
         try:
-            current, _ = await self._ask_contact(key, dial=False)
+            current = not asked and (await self._ask_contact(key, dial=False))[0]
             if current:
                 return self.contacts.get(key).record
             record = self.contacts.get(key).record
-            if not is_current(record, self.clock()):
+            if not asked and not is_current(record, self.clock()):
                 current, _ = await self._ask_contact(key, dial=True)
                 if current:
                     return self.contacts.get(key).record

@@ -138,3 +138,48 @@ def test_a_prekey_not_signed_by_the_contact_is_refused(
 
     trio.run(main)
     assert "refused what" in caplog.text
+
+
+def test_an_offline_contact_is_dialled_once_when_a_session_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starting a session asks the contact's node for a prekey, dialling it;
+    when that fails and the record held is not current, the refresh that
+    follows dialled the same addresses again before the DHT (up to 5 s more
+    where a dial times out rather than being refused)."""
+    from test_routing import _dht_node, _run_node
+
+    from pigeon.node import contacts
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            stop_alice, stop_bob, bob_ended = trio.Event(), trio.Event(), trio.Event()
+            alice = _dht_node(tmp_path, "alice", None)
+            await nursery.start(_run_node, alice, stop_alice, trio.Event())
+            bob = _dht_node(tmp_path, "bob", alice)
+            await nursery.start(_run_node, bob, stop_bob, bob_ended)
+            with trio.fail_after(60):
+                await befriend(alice, bob)
+                await befriend(bob, alice)
+                bob_peer, bob_key = bob.host.get_id(), key_of(bob)
+                stop_bob.set()
+                await bob_ended.wait()
+                while alice.host.get_network().get_connections(bob_peer):
+                    await trio.sleep(0.1)
+                monkeypatch.setattr(contacts, "RECORD_REFRESH_AGE", -1)  # none is current
+                dials: list[object] = []
+                connect = alice.host.connect
+
+                async def counted(info: Any) -> None:
+                    if info.peer_id == bob_peer:
+                        dials.append(info)
+                    await connect(info)
+
+                alice.host.connect = counted  # type: ignore[method-assign]
+                alice.conversations.send_text(bob_key, "while you are away")
+                await alice.courier._encrypt(bob_key)
+            assert len(dials) == 1
+            assert alice.directory.lookup_ms  # the DHT was asked instead
+            stop_alice.set()
+
+    trio.run(main)
