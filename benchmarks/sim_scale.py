@@ -1,6 +1,7 @@
 """How a simulation's cost grows with the number of nodes, all in one process.
 
-    python benchmarks/sim_scale.py [--json] [--sizes 25,50,100,200] [--out DIR] [--plot PNG]
+    python benchmarks/sim_scale.py [--json] [--sizes 25,50,100,200] [--out DIR [--resume]]
+                                   [--plot PNG]
 
 Each size is a `pigeon sim` run of its own (a fresh process, so peak memory
 is that run's): 30% churn, 5 messages per chatting node, max(3, N/25)
@@ -25,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 
-def run_size(nodes: int, out: Path) -> dict[str, Any]:
+def run_size(nodes: int, out: Path, resume: bool = False) -> dict[str, Any]:
     mailboxes = max(3, nodes // 25)
+    if resume and (out / "report.json").exists():
+        return summary(nodes, mailboxes, json.loads((out / "report.json").read_text()))
     command = [
         sys.executable, "-m", "pigeon.ui.cli", "sim", "--json",
         "--nodes", str(nodes), "--mailboxes", str(mailboxes),
@@ -36,7 +39,10 @@ def run_size(nodes: int, out: Path) -> dict[str, Any]:
     result = subprocess.run(command, capture_output=True, text=True, timeout=7200)
     if result.returncode not in (0, 3):
         raise SystemExit(f"sim --nodes {nodes} failed: {result.stderr.strip()[-2000:]}")
-    report: dict[str, Any] = json.loads(result.stdout)
+    return summary(nodes, mailboxes, json.loads(result.stdout))
+
+
+def summary(nodes: int, mailboxes: int, report: dict[str, Any]) -> dict[str, Any]:
     return {
         "nodes": nodes,
         "mailboxes": mailboxes,
@@ -97,13 +103,18 @@ def main() -> None:
     parser.add_argument("--sizes", default="25,50,100,200")
     parser.add_argument("--out", help="keep each size's report and plots here")
     parser.add_argument("--plot", metavar="PNG", help="draw cost and latency against size")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --out: a size whose report.json is there already is not run again",
+    )
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="pigeon-scale-") as tmp:
         root = Path(args.out or tmp)
         results = []
         for nodes in sizes:
-            results.append(run_size(nodes, root / f"n{nodes}"))
+            results.append(run_size(nodes, root / f"n{nodes}", args.resume and bool(args.out)))
             if not args.json:
                 print(json.dumps(results[-1]), flush=True)
     base = results[0]["cpu_s_per_node"] or 1
