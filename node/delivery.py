@@ -141,20 +141,12 @@ class Courier:
             await self._encrypt(key)
             contact = self.conv.contacts.get(key)
             delivered = await self._deliver_to(contact)
-            refreshed = False
-            if not delivered and not self._can_deposit(contact):
-                # Only without somewhere to leave the envelopes: a DHT lookup
-                # for every contact that is away (ten seconds and some thirty
-                # requests on a busy network) was most of what a simulation
-                # under churn did, and its answer is nearly always the record
-                # we hold.  A contact that moved collects from its mailboxes.
-                contact, delivered, refreshed = await self._refresh_and_deliver(key)
-            if not delivered and self._can_deposit(contact):
-                if not await self._deposit(contact) and not refreshed:
-                    # no mailbox took it: a newer record may list others
-                    contact, delivered, _ = await self._refresh_and_deliver(key)
-                    if not delivered and self._can_deposit(contact):
-                        await self._deposit(contact)
+            if not delivered:
+                await self.directory.refresh(key)
+                contact = self.conv.contacts.get(key)
+                delivered = await self._deliver_to(contact)
+            if not delivered and contact.record is not None and contact.record.mailboxes:
+                await self._deposit(contact)
             elif not delivered:
                 self.conv.note_waiting(key, NO_MAILBOX)
         except UnknownContact:
@@ -285,22 +277,9 @@ class Courier:
                         " read it); sent again when they are next in touch",
                     )
 
-    async def _refresh_and_deliver(self, key: bytes) -> tuple[Contact, bool, bool]:
-        """Find the contact's newest record and try it: (the contact as it
-        now is, whether everything was delivered, True: refreshed)."""
-        await self.directory.refresh(key)
-        contact = self.conv.contacts.get(key)
-        return contact, await self._deliver_to(contact), True
-
-    def _can_deposit(self, contact: Contact) -> bool:
-        """Whether we hold a current record of the contact that lists mailboxes."""
-        record = contact.record
-        return record is not None and bool(record.mailboxes) and is_current(record, self.clock())
-
-    async def _deposit(self, contact: Contact) -> bool:
+    async def _deposit(self, contact: Contact) -> None:
         """Leave every pending envelope with every mailbox the contact lists;
-        an envelope counts as sent once at least one mailbox stored it.
-        Whether any was stored."""
+        an envelope counts as sent once at least one mailbox stored it."""
         assert contact.record is not None
         key = contact.identity_key
         pending = self.conv.pending_envelopes(key, limit=MAX_BATCH)
@@ -317,4 +296,3 @@ class Courier:
             self.conv.note_waiting(key, f"the contact's mailboxes refused it: {refusals[0]}")
         else:
             self.conv.note_waiting(key, UNREACHABLE)
-        return bool(stored)
