@@ -17,7 +17,15 @@ import trio
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from nacl.signing import SigningKey
 
-from daemons import BOX, PASSPHRASE, Daemon, mailbox_network, status, wait_for
+from daemons import (
+    BOX,
+    PASSPHRASE,
+    Daemon,
+    mailbox_network,
+    record_published,
+    status,
+    wait_for,
+)
 from helpers import HeldDatabase, deposit_token, register_request
 from pigeon.node.control import Client
 from pigeon.node.framing import frame, read_frame
@@ -52,7 +60,8 @@ def test_offline_delivery_survives_a_mailbox_killed_midway(net):
     alice.cli("contacts", "add", bob.id()["contact_code"], "--as", "bob")
     bob.cli("contacts", "add", alice.id()["contact_code"], "--as", "alice")
     wait_for(lambda: len(status(bob)["mailboxes"]) == 3, timeout=60)
-    time.sleep(3)  # Bob's record with his mailboxes is published, prekeys left with them
+    wait_for(lambda: bob.log.read_text().count("left 100 one-time prekeys") >= 3, 60)
+    record_published(bob)  # Bob's record lists his three mailboxes
     bob.stop()
 
     client = Client(alice.home)
