@@ -59,7 +59,6 @@ from pigeon.node.conversations import Conversations
 from pigeon.node.directory import lookup
 from pigeon.node.host import quiet_libp2p_logs
 from pigeon.node.node import Node, NodeConfig
-from pigeon.node.runtime import tune_gc
 from pigeon.node.storage import Database
 from pigeon.protocol import ContactCode, DirectoryRecord, ProtocolError, dht_key
 from pigeon.protocol.keys import identity_id
@@ -369,7 +368,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--nodes", type=int, help=argparse.SUPPRESS)  # one run, in this process
     args = parser.parse_args()
-    tune_gc()  # as the daemon and pigeon sim do
     if args.nodes is not None:
         print(json.dumps(run_one(args)), flush=True)
         return

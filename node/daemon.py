@@ -33,7 +33,6 @@ from .contacts import Contact
 from .host import quiet_libp2p_logs
 from .node import Node, NodeConfig
 from .requests import Request
-from .runtime import tune_gc
 from .storage import Database
 
 log = logging.getLogger("pigeon.daemon")
@@ -580,7 +579,6 @@ def _leaves(error: BaseException) -> Iterator[BaseException]:
 
 def run_daemon(home: Path, passphrase: str, config: NodeConfig, verbose: bool = False) -> int:
     setup_logging(verbose)
-    tune_gc()
     try:
         trio.run(run, home, passphrase, config)
     except BaseExceptionGroup as group:

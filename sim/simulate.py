@@ -12,7 +12,6 @@ from typing import Any
 import trio
 
 from pigeon.node.host import quiet_libp2p_logs
-from pigeon.node.runtime import tune_gc
 
 from .fleet import Fleet, LocalFleet
 from .report import build, plot, summary
@@ -33,7 +32,6 @@ def simulate(
     out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("pigeon").setLevel(logging.CRITICAL)
     quiet_libp2p_logs()
-    tune_gc()  # as each daemon does (its own process, in --processes mode)
     with tempfile.TemporaryDirectory(prefix="pigeon-sim-") as tmp:
         report = trio.run(_run, the_plan, Path(tmp), out, mode, progress)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
