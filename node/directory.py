@@ -4,7 +4,8 @@ The validator is strict: a record must be signed by the identity whose ID the
 key names and must not be expired; ``select`` keeps the highest sequence.
 A contact's record is asked of the contact itself first (``RECORD_PROTOCOL``),
 then of the DHT (py-libp2p answers from its local copy first, which may be
-stale, so a lookup asks the closest peers) and the newest valid answer kept.
+stale, so a lookup asks the closest peers: ``lookup``) and the newest valid
+answer kept.
 
 ``guard_dht`` puts limits around what py-libp2p's KadDHT serves to others.
 What the library lacks, and what is wrapped here: it serves at most 12 inbound
@@ -39,6 +40,7 @@ from libp2p.kad_dht import kad_dht as kad_dht_module
 from libp2p.kad_dht.common import PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.kad_dht.pb.kademlia_pb2 import Record
+from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.kad_dht.value_store import ValueStore
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -58,13 +60,12 @@ from pigeon.protocol.records import DHT_NAMESPACE, MAX_RECORD_SIZE, OneTimePreke
 from .contacts import ContactBook, is_current, short_id
 from .framing import frame, read_frame, serve_frames
 from .limits import REFUSALS, Handler, RefusalLog, Slots, StreamLimit, refuse, reset
-from .routing import closest_peers
 
 log = logging.getLogger("pigeon.directory")
 LOOKUP_TIMEOUT = 10.0
 LOOKUP_AT_ONCE = 5  # closest peers asked for the record together
 LOOKUP_COPIES = 3  # copies from peers after which a lookup asks no more of them
-LOOKUP_FALLBACK = 20  # peers of the routing table asked when the walk does not end
+LOOKUP_CLOSEST = 20  # a lookup ends when the closest this many it knows were asked (Kademlia's k)
 # A contact's record is looked up in the DHT at most this often while the one
 # we hold is current: a courier retrying an offline contact, and everything
 # else that wants the record meanwhile, is answered from what we hold.
@@ -220,9 +221,22 @@ async def store_at(
 
 async def lookup(dht: KadDHT, identity_key: bytes) -> list[bytes]:
     """Copies of the record: our local one, and those of the peers closest to
-    its key, asked nearest first, a few at a time, until ``LOOKUP_COPIES``
-    of them answered with one (a publisher stores it at all of the closest,
-    so more copies would mostly repeat these, at a request each)."""
+    its key, until ``LOOKUP_COPIES`` of them answered with one (a publisher
+    stores it at all of the closest, so more copies would mostly repeat these,
+    at a request each).
+
+    A Kademlia value lookup that stops as soon as it has them: the closest
+    peers we know (our routing table first) are asked, ``LOOKUP_AT_ONCE``
+    requests under way at a time; each answers with the record or with the
+    peers it knows closest to the key, which join those we know, and each
+    answer (or failure) starts a request to the closest not asked yet, until
+    the ``LOOKUP_CLOSEST`` closest we know have all been asked.  No walk to
+    the closest peers comes first (py-libp2p's
+    ``find_closest_peers_network``, a dozen requests and more): where our
+    table already holds a record's holders, the first requests find it, and
+    otherwise answers lead closer.  A peer that is slow to answer (gone, or
+    busy) holds up one request, not a round, and once every peer left has
+    been asked, a lookup that holds a copy does not wait for the slow ones."""
     key = dht_key(identity_key)
     key_bytes = key.encode()
     found: list[bytes] = []
@@ -230,31 +244,46 @@ async def lookup(dht: KadDHT, identity_key: bytes) -> list[bytes]:
     if local is not None:
         found.append(local.value)
     copies = 0
+    known = set(dht.routing_table.find_local_closest_peers(key_bytes, LOOKUP_CLOSEST))
+    asked = {dht.local_peer_id}
+    under_way: set[ID] = set()
+    answered = trio.Event()
 
     async def ask(peer: ID) -> None:
         nonlocal copies
         try:
             with trio.move_on_after(LOOKUP_TIMEOUT / 2):
-                result = await dht.value_store._get_from_peer(peer, key_bytes, return_record=True)
-                # A Record (return_record=True) or None, though typed as any of
+                answer = await dht.value_store._get_from_peer(
+                    peer, key_bytes, return_record=True, return_closer_peers=True
+                )
+                # (a Record or None, the closer peers), though typed as any of
                 # the method's return shapes.
-                value = getattr(result, "value", None)
+                record, closer = answer if isinstance(answer, tuple) else (None, [])
+                value = getattr(record, "value", None)
                 if value:
                     found.append(value)
                     copies += 1
+                known.update(closer)
         except Exception as error:  # a peer's failure is not ours
             log.debug("lookup at %s failed: %s", peer, error)
+        finally:
+            under_way.discard(peer)
+            answered.set()
 
-    deadline = trio.current_time() + LOOKUP_TIMEOUT
-    # The walk to the closest peers gets half the time (closest_peers).
-    peers = await closest_peers(dht, key_bytes, LOOKUP_TIMEOUT / 2, LOOKUP_FALLBACK)
-    with trio.move_on_at(deadline):
-        for start in range(0, len(peers), LOOKUP_AT_ONCE):
-            async with trio.open_nursery() as nursery:
-                for peer in peers[start : start + LOOKUP_AT_ONCE]:
+    with trio.move_on_after(LOOKUP_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            while copies < LOOKUP_COPIES:
+                closest = sort_peer_ids_by_distance(key_bytes, list(known))[:LOOKUP_CLOSEST]
+                waiting = [peer for peer in closest if peer not in asked]
+                if not waiting and (copies or not under_way):
+                    break  # no one left to ask; a copy in hand is not held up by stragglers
+                for peer in waiting[: LOOKUP_AT_ONCE - len(under_way)]:
+                    asked.add(peer)
+                    under_way.add(peer)
                     nursery.start_soon(ask, peer)
-            if copies >= LOOKUP_COPIES:
-                break
+                await answered.wait()
+                answered = trio.Event()
+            nursery.cancel_scope.cancel()  # enough copies: the rest are not needed
     return found
 
 
