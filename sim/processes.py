@@ -232,6 +232,9 @@ class ProcessFleet:
         """The process's peak resident memory so far, kept per node."""
         self.peak_kb[node] = max(self.peak_kb.get(node, 0), peak_kb(process.pid))
 
+    def settled(self) -> None:
+        """Each node is a process of its own, with a collector of its own."""
+
     def usage(self) -> Usage:
         """Peak RSS: the sum of every daemon's own peak and this process's;
         CPU: every daemon's (all have ended) and this process's."""
