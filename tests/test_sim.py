@@ -6,6 +6,7 @@ keeps a core busy, share CI's two cores."""
 from __future__ import annotations
 
 import gc
+import io
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import trio
 from simcheck import check_lossless, events, sends
 
 from pigeon.sim.fleet import EarlierRuns, LocalFleet
+from pigeon.sim.runner import Runner
 from pigeon.sim.scenario import Scenario, plan
 from pigeon.sim.simulate import simulate
 
@@ -216,3 +218,23 @@ def test_an_in_process_network_once_settled_is_kept_out_of_full_collections(tmp_
             assert gc.get_freeze_count() == 0
 
     trio.run(main)
+
+
+def test_every_mailbox_peer_runs_before_any_chatting_node_starts() -> None:
+    """The chatting nodes bootstrap from every mailbox peer, and identify
+    tells them those keep mailboxes: none has to search the DHT for one at
+    the set-up's busiest (started alongside, the first ones knew one or two,
+    and a search that found none waited 10, 20, 40 s before the next)."""
+    the_plan = plan(Scenario(nodes=30, mailboxes=4, messages=10, seed=3))
+    started: list[int] = []
+
+    class Starts:
+        async def start(self, node: int) -> None:
+            await trio.sleep(0.01 * (node % 3))  # starts take their own time
+            started.append(node)
+
+    runner = Runner(the_plan, Starts(), io.StringIO(), lambda line: None)  # type: ignore[arg-type]
+    trio.run(runner._start_all)
+    mailboxes = set(the_plan.mailboxes)
+    assert sorted(started) == list(range(30))
+    assert set(started[: len(mailboxes)]) == mailboxes
