@@ -283,7 +283,7 @@ async def lookup(dht: KadDHT, identity_key: bytes) -> list[bytes]:
                     nursery.start_soon(ask, peer)
                 await answered.wait()
                 answered = trio.Event()
-            nursery.cancel_scope.cancel()  # enough copies: the rest are not needed
+            nursery.cancel_scope.cancel()  # the lookup is over: requests under way are not needed
     return found
 
 

@@ -300,7 +300,7 @@ class LocalFleet:
         reach (``gc.freeze``, after a last collection), and ``close`` gives it
         back.  A full collection traverses every object it tracks, and in one
         process that is every node's (about 1.5 million at 100 nodes, 1.5 s a
-        pass, several passes every 30 s: a third of the workload's CPU);
+        pass, 7-9 passes every 30 s: about half of the workload's CPU);
         in a daemon it is one node's.  What the frozen objects leave as
         garbage in cycles (the nodes that churn away) waits for ``close``."""
         gc.collect()
